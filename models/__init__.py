@@ -1,0 +1,21 @@
+"""Latent-variable models written as Pyro programs p(z) p(x | z; theta)."""
+
+from .base import MixtureModel, NotFittedError, as_data_tensor
+from .bernoulli import BernoulliMixture
+from .categorical import CategoricalMixture
+from .enumeration import EnumeratedJoint, enumerate_joint
+from .gaussian import GaussianMixture, SingularCovarianceError
+from .poisson import PoissonMixture
+
+__all__ = [
+    "BernoulliMixture",
+    "CategoricalMixture",
+    "EnumeratedJoint",
+    "GaussianMixture",
+    "MixtureModel",
+    "NotFittedError",
+    "PoissonMixture",
+    "SingularCovarianceError",
+    "as_data_tensor",
+    "enumerate_joint",
+]

@@ -1,0 +1,281 @@
+"""The finite mixture as a Pyro program: p(z = k) = pi_k, p(x | z = k) = p_k(x; theta_k).
+
+A component family subclasses :class:`MixtureModel` and says four things:
+
+- ``_build(n_features, dtype)``: create its ``PyroParam`` s (any valid starting values);
+- ``_component_params()``: its parameters as a dict of tensors whose first dimension is K;
+- ``_component_dist(**params)``: the distribution p_k(x) with event shape ``(n_features,)``;
+- ``_check_support(x)``: raise ``ValueError`` for data outside the family's support.
+
+Everything else -- the Pyro program, exact log-likelihood, sampling, BIC/AIC, EM with the
+gradient M-step -- comes from this base class and from :mod:`elbolab.inference`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule, PyroParam
+from torch.distributions import constraints, transform_to
+
+from .enumeration import enumerate_joint
+
+
+def as_data_tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Turn an array-like into a floating tensor; float tensors and arrays keep their dtype."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        t = torch.as_tensor(np.asarray(x))
+    if dtype is not None:
+        return t.to(dtype)
+    if not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    return t
+
+
+class NotFittedError(ValueError, AttributeError):
+    """The model has no parameters yet."""
+
+
+class MixtureModel(PyroModule):
+    """Base class of finite mixtures p(x) = sum_k pi_k p_k(x; theta_k).
+
+    Parameters
+    ----------
+    n_components:
+        Number of mixture components K (>= 1).
+
+    The Pyro program (``forward``) has a latent site ``"z"`` (Categorical over K) and an
+    observed site ``"x"``, both inside ``pyro.plate("data", N)``; per-sample weights enter
+    as ``poutine.scale``. Parameters are created by :meth:`build` (EM does this on the
+    first fit) and are local to the module.
+    """
+
+    #: Name of the latent site and of the observed site.
+    latent_site = "z"
+    observed_site = "x"
+
+    def __init__(self, n_components: int) -> None:
+        if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)):
+            raise ValueError(
+                f"n_components must be a positive integer, got {n_components!r}; "
+                "pass the number of mixture components, e.g. n_components=3."
+            )
+        if n_components < 1:
+            raise ValueError(
+                f"n_components must be >= 1, got {n_components}; "
+                "a mixture needs at least one component."
+            )
+        super().__init__()
+        self.n_components = int(n_components)
+        self.n_features_in_: int | None = None
+
+    # ------------------------------------------------------------------ the family's part
+    @abstractmethod
+    def _build(self, n_features: int, dtype: torch.dtype) -> None:
+        """Create the component parameters (any valid values)."""
+
+    @abstractmethod
+    def _component_params(self) -> dict[str, torch.Tensor]:
+        """Component parameters, each with leading dimension K."""
+
+    @abstractmethod
+    def _component_dist(self, **params: torch.Tensor) -> dist.TorchDistribution:
+        """p_k(x) for the given (indexed) parameters; event shape ``(n_features,)``."""
+
+    def _check_support(self, x: torch.Tensor, fitted: bool) -> None:
+        """Raise ``ValueError`` for values outside the family's support (default: reals).
+
+        ``fitted`` says whether the data must also fit the current parameters.
+        """
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        """Read anything the family needs from the data before :meth:`build` (default: none)."""
+
+    def _set_component_params(self, **params) -> None:
+        """Set component parameters from user values (``init=`` dict); default: by name."""
+        for name, value in params.items():
+            self.assign(name, value)
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def is_built(self) -> bool:
+        """Whether the parameters exist (the model was fitted or built)."""
+        return self.n_features_in_ is not None
+
+    def build(self, n_features: int, dtype: torch.dtype = torch.float64) -> MixtureModel:
+        """Create every parameter for data with ``n_features`` columns."""
+        K = self.n_components
+        self.n_features_in_ = int(n_features)
+        self.weights = PyroParam(torch.full((K,), 1.0 / K, dtype=dtype), constraints.simplex)
+        self._build(int(n_features), dtype)
+        return self
+
+    def build_for(self, x: torch.Tensor) -> MixtureModel:
+        """Create every parameter for data like ``x`` (its feature count and dtype)."""
+        self._prepare(x)
+        return self.build(x.shape[1], x.dtype)
+
+    def assign(self, name: str, value) -> None:
+        """Set a constrained parameter ``name`` to ``value`` (in place, keeps its dtype)."""
+        current = getattr(self, name)
+        value = torch.as_tensor(value, dtype=current.dtype).detach()
+        if value.shape != current.shape:
+            raise ValueError(
+                f"parameter {name!r} must have shape {tuple(current.shape)}, "
+                f"got {tuple(value.shape)}"
+            )
+        constraint = self._pyro_params[name][0]
+        if not bool(constraint.check(value).all()):
+            raise ValueError(f"parameter {name!r} violates its constraint {constraint}")
+        unconstrained = getattr(self, name + "_unconstrained")
+        with torch.no_grad():
+            unconstrained.copy_(transform_to(constraint).inv(value))
+
+    def set_params(self, **params) -> MixtureModel:
+        """Set parameters by name: ``weights`` and the family's own (see its docstring)."""
+        self._require_built()
+        weights = params.pop("weights", None)
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=self.weights.dtype)
+            if w.shape != (self.n_components,) or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-6:
+                raise ValueError(
+                    f"weights must be a probability vector of length {self.n_components} "
+                    "(non-negative, summing to 1)"
+                )
+            self.assign("weights", w / w.sum())
+        self._set_component_params(**params)
+        return self
+
+    def _require_built(self) -> None:
+        if not self.is_built:
+            raise NotFittedError(
+                f"this {type(self).__name__} has no parameters yet: fit it with "
+                "elbolab.inference.EM(model, ExactPosterior(model)).fit(x), or call "
+                "model.build(n_features) and set_params(...)."
+            )
+
+    @property
+    def weights_(self) -> torch.Tensor:
+        """Mixture weights pi, shape (K,)."""
+        self._require_built()
+        return self.weights.detach()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        self._require_built()
+        return self.weights_unconstrained.dtype
+
+    def n_parameters(self) -> int:
+        """Number of free parameters (for BIC/AIC): K - 1 weights plus the components'."""
+        self._require_built()
+        return self.n_components - 1 + self._n_component_parameters()
+
+    def _n_component_parameters(self) -> int:
+        total = 0
+        for name in self._pyro_params:
+            if name != "weights":
+                total += getattr(self, name + "_unconstrained").numel()
+        return total
+
+    # ------------------------------------------------------------------ data
+    def validate_data(self, x, *, name: str = "x", reset: bool = False) -> torch.Tensor:
+        """Check ``x`` and return it as a tensor of the model's dtype.
+
+        Raises ``ValueError`` naming the problem and the fix: not 2-D, empty, NaN/inf,
+        a feature count that differs from the fitted one, or values outside the support.
+        With ``reset=True`` (a fresh fit) the fitted feature count and dtype are ignored.
+        """
+        fitted = self.is_built and not reset
+        t = as_data_tensor(x, self.dtype if fitted else None)
+        if t.dim() != 2:
+            raise ValueError(
+                f"{name} must be 2-D with shape (n_samples, n_features), got shape "
+                f"{tuple(t.shape)}; reshape it, e.g. x.reshape(-1, 1) for a single feature."
+            )
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample.")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{name} contains NaN or inf; remove or impute those entries before fitting."
+            )
+        if fitted and t.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"{name} has {t.shape[1]} features but the model was built for "
+                f"{self.n_features_in_}; pass data with {self.n_features_in_} columns "
+                "or create a new model."
+            )
+        self._check_support(t, fitted)
+        return t
+
+    # ------------------------------------------------------------------ the Pyro program
+    def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None):
+        """The Pyro program p(z) p(x | z) for observed ``x`` of shape (N, D).
+
+        ``sample_weight`` (shape (N,)) scales each data point's log-density.
+        """
+        return self._program(x.shape[0], x, sample_weight)
+
+    def _program(self, n: int, x: torch.Tensor | None, sample_weight=None):
+        params = self._component_params()
+        with pyro.plate("data", n, dim=-1):
+            with poutine.scale(scale=1.0 if sample_weight is None else sample_weight):
+                z = pyro.sample(self.latent_site, dist.Categorical(self.weights))
+                component = self._component_dist(**{k: v[z] for k, v in params.items()})
+                return pyro.sample(self.observed_site, component, obs=x)
+
+    # ------------------------------------------------------------------ derived quantities
+    def log_joint(self, x) -> torch.Tensor:
+        """log p(x_d, z = k; theta) for every d, k: shape (N, K), by enumerating ``"z"``."""
+        self._require_built()
+        x = self.validate_data(x)
+        table = enumerate_joint(self, x).log_joint  # (K, N)
+        return table.transpose(-1, -2)
+
+    def log_likelihood(self, x) -> torch.Tensor:
+        """Exact per-sample log p(x_d; theta) = log sum_k pi_k p_k(x_d), shape (N,)."""
+        self._require_built()
+        x = self.validate_data(x)
+        return enumerate_joint(self, x).log_marginal()
+
+    def score(self, x) -> float:
+        """Mean per-sample log-likelihood (as scikit-learn's ``score``)."""
+        return float(self.log_likelihood(x).mean())
+
+    def predict_proba(self, x) -> torch.Tensor:
+        """Responsibilities p(z = k | x_d; theta), shape (N, K) (EM-MIX.1)."""
+        return self.log_joint(x).softmax(-1)
+
+    def predict(self, x) -> torch.Tensor:
+        """Most probable component for each sample, shape (N,)."""
+        return self.log_joint(x).argmax(-1)
+
+    def bic(self, x) -> float:
+        """Bayesian information criterion: -2 sum_d log p(x_d) + n_parameters log N."""
+        ll = self.log_likelihood(x)
+        return float(-2 * ll.sum() + self.n_parameters() * math.log(ll.shape[0]))
+
+    def aic(self, x) -> float:
+        """Akaike information criterion: -2 sum_d log p(x_d) + 2 n_parameters."""
+        return float(-2 * self.log_likelihood(x).sum() + 2 * self.n_parameters())
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` samples by ancestral sampling; returns ``(x, z)``, shapes (n, D), (n,)."""
+        self._require_built()
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        trace = poutine.trace(self._program).get_trace(int(n), None)
+        return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+
+    def extra_repr(self) -> str:
+        return f"n_components={self.n_components}, n_features={self.n_features_in_}"

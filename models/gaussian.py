@@ -1,0 +1,155 @@
+"""Gaussian components: p_k(x) = N(x; mu_k, Sigma_k), with scikit-learn's four covariance types.
+
+==============  ===========================  =====================================
+covariance_type  parameter (constrained)     ``covariances_`` (scikit-learn shape)
+==============  ===========================  =====================================
+``"full"``       ``scale_tril`` (K, D, D)     Sigma_k = L_k L_k^T, shape (K, D, D)
+``"tied"``       ``scale_tril`` (D, D)        Sigma = L L^T shared, shape (D, D)
+``"diag"``       ``scales`` (K, D)            diagonal variances, shape (K, D)
+``"spherical"``  ``scales`` (K,)              one variance per component, shape (K,)
+==============  ===========================  =====================================
+
+Covariances are stored through their Cholesky factor (or standard deviations), so every
+value the optimiser can reach is a valid covariance.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroParam
+from torch.distributions import constraints
+
+from .base import MixtureModel
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+class SingularCovarianceError(ValueError):
+    """A component's covariance lost positive definiteness during fitting."""
+
+
+def singular_covariance_error(covariance_type: str) -> SingularCovarianceError:
+    return SingularCovarianceError(
+        f"a {covariance_type} covariance became singular (not positive definite) during "
+        "fitting, usually because a component collapsed onto too few or duplicated points; "
+        "raise reg_covar (e.g. reg_covar=1e-4) or scale the data (standardise each feature)."
+    )
+
+
+def cholesky_or_raise(cov: torch.Tensor, covariance_type: str) -> torch.Tensor:
+    """Cholesky factor of ``cov`` (..., D, D), or the singular-covariance error."""
+    L, info = torch.linalg.cholesky_ex(cov)
+    if bool((info != 0).any()) or not bool(torch.isfinite(L).all()):
+        raise singular_covariance_error(covariance_type)
+    return L
+
+
+class GaussianMixture(MixtureModel):
+    """Mixture of Gaussians, p(x) = sum_k pi_k N(x; mu_k, Sigma_k).
+
+    Parameters
+    ----------
+    n_components:
+        Number of components K.
+    covariance_type:
+        ``"full"`` (default), ``"tied"``, ``"diag"`` or ``"spherical"``, as in scikit-learn.
+
+    Fitted attributes: ``weights_`` (K,), ``means_`` (K, D), ``covariances_`` (shape by type,
+    see the module docstring). ``init=`` dicts and :meth:`set_params` take the keys
+    ``weights``, ``means``, ``covariances`` with those shapes.
+    """
+
+    def __init__(self, n_components: int, covariance_type: str = "full") -> None:
+        if covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(
+                f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}"
+            )
+        super().__init__(n_components)
+        self.covariance_type = covariance_type
+
+    def _build(self, n_features: int, dtype: torch.dtype) -> None:
+        K, D = self.n_components, n_features
+        self.means = PyroParam(torch.zeros(K, D, dtype=dtype))
+        eye = torch.eye(D, dtype=dtype)
+        if self.covariance_type == "full":
+            self.scale_tril = PyroParam(eye.expand(K, D, D).clone(), constraints.lower_cholesky)
+        elif self.covariance_type == "tied":
+            self.scale_tril = PyroParam(eye, constraints.lower_cholesky)
+        elif self.covariance_type == "diag":
+            self.scales = PyroParam(torch.ones(K, D, dtype=dtype), constraints.positive)
+        else:
+            self.scales = PyroParam(torch.ones(K, dtype=dtype), constraints.positive)
+
+    def _component_params(self) -> dict[str, torch.Tensor]:
+        K, D = self.n_components, self.n_features_in_
+        if self.covariance_type == "full":
+            return {"loc": self.means, "scale_tril": self.scale_tril}
+        if self.covariance_type == "tied":
+            return {"loc": self.means, "scale_tril": self.scale_tril.expand(K, D, D)}
+        if self.covariance_type == "diag":
+            return {"loc": self.means, "scale": self.scales}
+        return {"loc": self.means, "scale": self.scales.unsqueeze(-1).expand(K, D)}
+
+    def _component_dist(self, loc, scale_tril=None, scale=None) -> dist.TorchDistribution:
+        if scale_tril is not None:
+            return dist.MultivariateNormal(loc, scale_tril=scale_tril)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def _n_component_parameters(self) -> int:
+        K, D = self.n_components, self.n_features_in_
+        cov = {
+            "full": K * D * (D + 1) // 2,
+            "tied": D * (D + 1) // 2,
+            "diag": K * D,
+            "spherical": K,
+        }[self.covariance_type]
+        return K * D + cov
+
+    # ---------------------------------------------------------------- scikit-learn view
+    @property
+    def means_(self) -> torch.Tensor:
+        """Component means, shape (K, D)."""
+        self._require_built()
+        return self.means.detach()
+
+    @property
+    def covariances_(self) -> torch.Tensor:
+        """Covariances in scikit-learn's layout for ``covariance_type``."""
+        self._require_built()
+        if self.covariance_type in ("full", "tied"):
+            L = self.scale_tril.detach()
+            return L @ L.transpose(-1, -2)
+        return self.scales.detach() ** 2
+
+    def set_covariances(self, covariances) -> None:
+        """Set covariances given in scikit-learn's layout (see ``covariances_``)."""
+        cov = torch.as_tensor(covariances, dtype=self.dtype)
+        K, D = self.n_components, self.n_features_in_
+        expected = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}
+        shape = expected[self.covariance_type]
+        if tuple(cov.shape) != shape:
+            raise ValueError(
+                f"covariances for covariance_type={self.covariance_type!r} must have shape "
+                f"{shape}, got {tuple(cov.shape)}"
+            )
+        if self.covariance_type in ("full", "tied"):
+            self.assign("scale_tril", cholesky_or_raise(cov, self.covariance_type))
+        else:
+            if not bool((cov > 0).all()):
+                raise singular_covariance_error(self.covariance_type)
+            self.assign("scales", cov.sqrt())
+
+    def _set_component_params(self, means=None, covariances=None, **unknown) -> None:
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {sorted(unknown)} for GaussianMixture; "
+                "use weights, means, covariances"
+            )
+        if means is not None:
+            self.assign("means", means)
+        if covariances is not None:
+            self.set_covariances(covariances)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", covariance_type={self.covariance_type!r}"
