@@ -50,7 +50,7 @@ class ExactPosterior(PyroModule):
         # A tuple keeps the model out of this module's parameters and state_dict.
         self._model_ref = (model,)
         self.max_plate_nesting = max_plate_nesting
-        self._twin = None  # frozen copy of the model holding theta~
+        self._frozen: tuple = ()  # (frozen copy of the model holding theta~,) or ()
         self._cache: tuple[tuple, EnumeratedJoint] | None = None
 
     @property
@@ -65,13 +65,17 @@ class ExactPosterior(PyroModule):
         With data arguments, the posterior for them is computed now and cached, so the
         M-step that follows reuses it.
         """
-        model = self.model
-        if self._twin is None or set(self._twin.state_dict()) != set(model.state_dict()):
-            self._twin = copy.deepcopy(model)
-            for p in self._twin.parameters():
+        model, twin = self.model, self.twin
+        state = model.state_dict()
+        if twin is None or {k: v.shape for k, v in twin.state_dict().items()} != {
+            k: v.shape for k, v in state.items()
+        }:
+            twin = copy.deepcopy(model)
+            for p in twin.parameters():
                 p.requires_grad_(False)
+            self._frozen = (twin,)  # a tuple keeps it out of this module's submodules
         else:
-            self._twin.load_state_dict(model.state_dict())
+            twin.load_state_dict(state)
         self._cache = None
         if args or kwargs:
             self._cache = (self._key(args, kwargs), self._enumerate(args, kwargs))
@@ -97,25 +101,32 @@ class ExactPosterior(PyroModule):
 
     def release(self) -> ExactPosterior:
         """Drop theta~: the guide follows the live model again."""
-        self._twin, self._cache = None, None
+        self._frozen, self._cache = (), None
         return self
+
+    @property
+    def twin(self):
+        """The frozen copy of the model holding theta~, or None before :meth:`refresh`."""
+        return self._frozen[0] if self._frozen else None
 
     @property
     def frozen(self) -> bool:
         """Whether a theta~ is held (after :meth:`refresh`)."""
-        return self._twin is not None
+        return bool(self._frozen)
 
     @staticmethod
     def _key(args, kwargs) -> tuple:
-        items = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        # ``guide(x)`` and ``guide(x, None)`` are the same call
+        items = list(args) + [(k, kwargs[k]) for k in sorted(kwargs)]
         return tuple(
             (id(a), tuple(a.shape), a._version) if isinstance(a, torch.Tensor) else id(a)
             for a in items
+            if a is not None
         )
 
     @torch.no_grad()
     def _enumerate(self, args, kwargs) -> EnumeratedJoint:
-        source = self._twin if self._twin is not None else self.model
+        source = self.twin if self.frozen else self.model
         return enumerate_joint(source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs)
 
     def joint(self, *args, **kwargs) -> EnumeratedJoint:

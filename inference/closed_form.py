@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture
-from ..models.gaussian import cholesky_or_raise, singular_covariance_error
+from ..models.gaussian import cholesky_or_raise, singular_covariance_error, singular_floor
 from .registry import register_m_step
 
 
@@ -30,34 +30,29 @@ def _clamp_probs(p: torch.Tensor) -> torch.Tensor:
 def _m_step_gaussian(model: GaussianMixture, x, resp, nk, reg_covar: float) -> None:
     """N_k, mu_k, Sigma_k of PRML (9.24)-(9.27), for each covariance type (EM-MIX.3)."""
     means = _weighted_means(x, resp, nk)  # (K, D)
-    D = x.shape[1]
     kind = model.covariance_type
-    if kind == "full":
-        # Sigma_k = (1 / N_k) sum_d r_dk (x_d - mu_k)(x_d - mu_k)^T + reg I
-        cov = torch.empty(model.n_components, D, D, dtype=x.dtype)
-        eye = torch.eye(D, dtype=x.dtype)
-        for k in range(model.n_components):
-            diff = x - means[k]
-            cov[k] = (resp[:, k, None] * diff).T @ diff / nk[k] + reg_covar * eye
-        scale_tril = cholesky_or_raise(cov, kind)
+    # centred sums, as PRML (9.25) writes them (the E[x x^T] - mu mu^T shortcut loses
+    # every digit when a component shrinks onto a few points)
+    if kind in ("full", "tied"):
+        scatter = torch.stack(
+            [(resp[:, k, None] * (x - means[k])).T @ (x - means[k]) for k in range(len(nk))]
+        )  # sum_d r_dk (x_d - mu_k)(x_d - mu_k)^T, (K, D, D)
+        eye = torch.eye(x.shape[1], dtype=x.dtype)
+        if kind == "full":
+            cov = scatter / nk[:, None, None] + reg_covar * eye  # Sigma_k
+        else:
+            cov = scatter.sum(0) / nk.sum() + reg_covar * eye  # one Sigma for all k
+        scale_tril = cholesky_or_raise(cov, kind, singular_floor(x))
         model.assign("means", means)
         model.assign("scale_tril", scale_tril)
         return
-    if kind == "tied":
-        # Sigma = (1 / N) sum_k sum_d r_dk (x_d - mu_k)(x_d - mu_k)^T + reg I
-        #       = (sum_d w_d x_d x_d^T - sum_k N_k mu_k mu_k^T) / N + reg I
-        w = resp.sum(1, keepdim=True)
-        cov = (x.T @ (w * x) - (nk.unsqueeze(-1) * means).T @ means) / nk.sum()
-        cov = cov + reg_covar * torch.eye(D, dtype=x.dtype)
-        scale_tril = cholesky_or_raise(cov, kind)
-        model.assign("means", means)
-        model.assign("scale_tril", scale_tril)
-        return
-    # diag: sigma_kj^2 = (1 / N_k) sum_d r_dk x_dj^2 - mu_kj^2 + reg
-    var = (resp.T @ (x * x)) / nk.unsqueeze(-1) - means**2 + reg_covar
+    # sigma_kj^2 = (1 / N_k) sum_d r_dk (x_dj - mu_kj)^2 + reg
+    var = torch.stack(
+        [(resp[:, k, None] * (x - means[k]) ** 2).sum(0) for k in range(len(nk))]
+    ) / nk.unsqueeze(-1) + reg_covar
     if kind == "spherical":
         var = var.mean(-1)  # one variance per component: the mean of the diagonal
-    if not bool((var > 0).all()) or not bool(torch.isfinite(var).all()):
+    if not bool((var > singular_floor(x)).all()) or not bool(torch.isfinite(var).all()):
         raise singular_covariance_error(kind)
     model.assign("means", means)
     model.assign("scales", var.sqrt())

@@ -243,7 +243,7 @@ class EM:
         if all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             return
         if restore and self.guide.frozen:
-            self.model.load_state_dict(self.guide._twin.state_dict())
+            self.model.load_state_dict(self.guide.twin.state_dict())
         raise ValueError(
             "EM produced non-finite parameters; the last finite parameters were kept. "
             "Raise reg_covar or scale the data."

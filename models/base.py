@@ -275,7 +275,7 @@ class MixtureModel(PyroModule):
         if seed is not None:
             pyro.set_rng_seed(seed)
         trace = poutine.trace(self._program).get_trace(int(n), None)
-        return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+        return trace.nodes["x"]["value"].to(self.dtype), trace.nodes["z"]["value"]
 
     def extra_repr(self) -> str:
         return f"n_components={self.n_components}, n_features={self.n_features_in_}"

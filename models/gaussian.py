@@ -37,12 +37,28 @@ def singular_covariance_error(covariance_type: str) -> SingularCovarianceError:
     )
 
 
-def cholesky_or_raise(cov: torch.Tensor, covariance_type: str) -> torch.Tensor:
-    """Cholesky factor of ``cov`` (..., D, D), or the singular-covariance error."""
+def cholesky_or_raise(cov: torch.Tensor, covariance_type: str, floor: float = 0.0) -> torch.Tensor:
+    """Cholesky factor of ``cov`` (..., D, D), or the singular-covariance error.
+
+    ``floor``: a variance scale below which a pivot counts as numerically singular.
+    """
     L, info = torch.linalg.cholesky_ex(cov)
-    if bool((info != 0).any()) or not bool(torch.isfinite(L).all()):
+    if (
+        bool((info != 0).any())
+        or not bool(torch.isfinite(L).all())
+        or bool((torch.diagonal(L, dim1=-2, dim2=-1) ** 2 <= floor).any())
+    ):
         raise singular_covariance_error(covariance_type)
     return L
+
+
+def singular_floor(x: torch.Tensor) -> float:
+    """Variances below eps * (largest feature variance of x) are numerically singular.
+
+    Below it, the round-off in a component mean alone changes (x - mu)^2 / sigma^2 by
+    O(1): the likelihood is running off to a degenerate spike on a few points.
+    """
+    return float(torch.finfo(x.dtype).eps * x.var(0, unbiased=False).max())
 
 
 class GaussianMixture(MixtureModel):

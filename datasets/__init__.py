@@ -1,0 +1,101 @@
+"""Data for the examples and tests, all available offline.
+
+- :func:`load_faithful` -- Old Faithful (272 x 2), bundled with its provenance
+  (``data/PROVENANCE.md``);
+- :func:`load_iris`, :func:`load_digits` -- scikit-learn's bundled copies;
+- :func:`make_mixture` -- synthetic samples from a mixture with known parameters.
+
+Every loader returns a :class:`Dataset` with ``data`` (N, D) as a float64 tensor.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Dataset:
+    """A data set: ``data`` (N, D), optional integer ``target`` (N,), and names."""
+
+    data: torch.Tensor
+    target: torch.Tensor | None = None
+    feature_names: list[str] = field(default_factory=list)
+    description: str = ""
+
+    def standardized(self) -> Dataset:
+        """A copy with every feature scaled to zero mean and unit variance."""
+        mean, std = self.data.mean(0), self.data.std(0, unbiased=False)
+        return Dataset((self.data - mean) / std, self.target, self.feature_names, self.description)
+
+
+def load_faithful() -> Dataset:
+    """Old Faithful: ``eruptions`` and ``waiting`` minutes, 272 eruptions (no labels)."""
+    with resources.files(__name__).joinpath("data/faithful.csv").open() as f:
+        rows = list(csv.reader(f))
+    names, values = rows[0], np.array(rows[1:], dtype=np.float64)
+    return Dataset(
+        torch.as_tensor(values),
+        None,
+        names,
+        "Old Faithful geyser, Yellowstone (Azzalini & Bowman 1990; R datasets::faithful)",
+    )
+
+
+def load_iris() -> Dataset:
+    """Fisher's iris (150 x 4, three species), scikit-learn's bundled copy."""
+    from sklearn.datasets import load_iris as _load
+
+    b = _load()
+    return Dataset(
+        torch.as_tensor(b.data, dtype=torch.float64),
+        torch.as_tensor(b.target),
+        list(b.feature_names),
+        "Iris (Fisher 1936), scikit-learn's bundled copy",
+    )
+
+
+def load_digits(binarize: bool = False) -> Dataset:
+    """8x8 handwritten digits (1797 x 64, values 0..16), scikit-learn's bundled copy.
+
+    ``binarize=True`` thresholds at 8, for Bernoulli mixtures.
+    """
+    from sklearn.datasets import load_digits as _load
+
+    b = _load()
+    data = torch.as_tensor(b.data, dtype=torch.float64)
+    if binarize:
+        data = (data >= 8).to(torch.float64)
+    return Dataset(
+        data,
+        torch.as_tensor(b.target),
+        list(b.feature_names),
+        "UCI optical handwritten digits, 8x8, scikit-learn's bundled copy",
+    )
+
+
+LOADERS = {"faithful": load_faithful, "iris": load_iris, "digits": load_digits}
+
+
+def load(name: str, **kwargs) -> Dataset:
+    """Load a data set by name: ``"faithful"``, ``"iris"`` or ``"digits"``."""
+    if name not in LOADERS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(LOADERS)}")
+    return LOADERS[name](**kwargs)
+
+
+def make_mixture(model, n: int, seed: int = 0) -> Dataset:
+    """Sample ``n`` points from a mixture model with known parameters.
+
+    ``model`` is a built :class:`~elbolab.models.MixtureModel` (parameters set with
+    ``set_params``); ``target`` holds the component each point came from.
+    """
+    x, z = model.sample(n, seed=seed)
+    return Dataset(x.detach().clone(), z.detach().clone(), [], f"samples of {model!r}")
+
+
+__all__ = ["Dataset", "load", "load_digits", "load_faithful", "load_iris", "make_mixture"]

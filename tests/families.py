@@ -1,0 +1,64 @@
+"""Ground-truth mixtures of every family, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from elbolab.models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture
+
+FAMILIES = ["gaussian-full", "gaussian-tied", "gaussian-diag", "gaussian-spherical",
+            "bernoulli", "poisson", "categorical"]
+
+
+def make_model(family: str, K: int = 3):
+    """A fresh, unbuilt model of the given family."""
+    if family.startswith("gaussian"):
+        return GaussianMixture(K, covariance_type=family.split("-")[1])
+    if family == "bernoulli":
+        return BernoulliMixture(K)
+    if family == "poisson":
+        return PoissonMixture(K)
+    if family == "categorical":
+        return CategoricalMixture(K, n_categories=4)
+    raise ValueError(family)
+
+
+def true_params(family: str, K: int = 3, D: int = 3) -> dict:
+    """Well-separated ground-truth parameters for a family (float64)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)[:K]
+    w = w / w.sum()
+    if family.startswith("gaussian"):
+        kind = family.split("-")[1]
+        means = 4.0 * torch.randn(K, D, generator=g, dtype=torch.float64)
+        A = torch.randn(K, D, D, generator=g, dtype=torch.float64) * 0.4
+        full = A @ A.transpose(-1, -2) + 0.5 * torch.eye(D, dtype=torch.float64)
+        cov = {
+            "full": full,
+            "tied": full[0],
+            "diag": torch.diagonal(full, dim1=-2, dim2=-1),
+            "spherical": torch.diagonal(full, dim1=-2, dim2=-1).mean(-1),
+        }[kind]
+        return {"weights": w, "means": means, "covariances": cov}
+    if family == "bernoulli":
+        return {"weights": w, "probs": torch.rand(K, D, generator=g, dtype=torch.float64) * 0.8 + 0.1}
+    if family == "poisson":
+        return {"weights": w, "rates": torch.rand(K, D, generator=g, dtype=torch.float64) * 8 + 0.5}
+    if family == "categorical":
+        p = torch.rand(K, D, 4, generator=g, dtype=torch.float64) + 0.2
+        return {"weights": w, "probs": p / p.sum(-1, keepdim=True)}
+    raise ValueError(family)
+
+
+def fitted_model(family: str, K: int = 3, D: int = 3):
+    """A model built with the ground-truth parameters of ``family``."""
+    model = make_model(family, K)
+    model.build(D, torch.float64)
+    model.set_params(**true_params(family, K, D))
+    return model
+
+
+def sample_data(family: str, n: int = 300, K: int = 3, D: int = 3, seed: int = 0) -> torch.Tensor:
+    """``n`` samples (n, D) from the ground-truth mixture of ``family``."""
+    x, _ = fitted_model(family, K, D).sample(n, seed=seed)
+    return x
