@@ -27,6 +27,13 @@ from torch.distributions import constraints, transform_to
 from .enumeration import enumerate_joint
 
 
+def as_tensor(value, dtype: torch.dtype) -> torch.Tensor:
+    """A detached tensor of ``dtype`` from a tensor, array, or nested list of arrays."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(dtype)
+    return torch.as_tensor(np.asarray(value), dtype=dtype)
+
+
 def as_data_tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Turn an array-like into a floating tensor; float tensors and arrays keep their dtype."""
     if isinstance(x, torch.Tensor):
@@ -126,7 +133,7 @@ class MixtureModel(PyroModule):
     def assign(self, name: str, value) -> None:
         """Set a constrained parameter ``name`` to ``value`` (in place, keeps its dtype)."""
         current = getattr(self, name)
-        value = torch.as_tensor(value, dtype=current.dtype).detach()
+        value = as_tensor(value, current.dtype)
         if value.shape != current.shape:
             raise ValueError(
                 f"parameter {name!r} must have shape {tuple(current.shape)}, "
@@ -144,7 +151,7 @@ class MixtureModel(PyroModule):
         self._require_built()
         weights = params.pop("weights", None)
         if weights is not None:
-            w = torch.as_tensor(weights, dtype=self.weights.dtype)
+            w = as_tensor(weights, self.dtype)
             if w.shape != (self.n_components,) or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-6:
                 raise ValueError(
                     f"weights must be a probability vector of length {self.n_components} "
@@ -233,7 +240,11 @@ class MixtureModel(PyroModule):
 
     # ------------------------------------------------------------------ derived quantities
     def log_joint(self, x) -> torch.Tensor:
-        """log p(x_d, z = k; theta) for every d, k: shape (N, K), by enumerating ``"z"``."""
+        """log p(x_d, z = k; theta) for every d, k: shape (N, K), by enumerating ``"z"``.
+
+        Differentiable in the parameters (so is :meth:`log_likelihood`); the scores below
+        are not.
+        """
         self._require_built()
         x = self.validate_data(x)
         table = enumerate_joint(self, x).log_joint  # (K, N)
@@ -245,23 +256,28 @@ class MixtureModel(PyroModule):
         x = self.validate_data(x)
         return enumerate_joint(self, x).log_marginal()
 
+    @torch.no_grad()
     def score(self, x) -> float:
         """Mean per-sample log-likelihood (as scikit-learn's ``score``)."""
         return float(self.log_likelihood(x).mean())
 
+    @torch.no_grad()
     def predict_proba(self, x) -> torch.Tensor:
         """Responsibilities p(z = k | x_d; theta), shape (N, K) (EM-MIX.1)."""
         return self.log_joint(x).softmax(-1)
 
+    @torch.no_grad()
     def predict(self, x) -> torch.Tensor:
         """Most probable component for each sample, shape (N,)."""
         return self.log_joint(x).argmax(-1)
 
+    @torch.no_grad()
     def bic(self, x) -> float:
         """Bayesian information criterion: -2 sum_d log p(x_d) + n_parameters log N."""
         ll = self.log_likelihood(x)
         return float(-2 * ll.sum() + self.n_parameters() * math.log(ll.shape[0]))
 
+    @torch.no_grad()
     def aic(self, x) -> float:
         """Akaike information criterion: -2 sum_d log p(x_d) + 2 n_parameters."""
         return float(-2 * self.log_likelihood(x).sum() + 2 * self.n_parameters())

@@ -20,7 +20,7 @@ import torch
 from pyro.nn import PyroParam
 from torch.distributions import constraints
 
-from .base import MixtureModel
+from .base import MixtureModel, as_tensor
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
@@ -140,7 +140,7 @@ class GaussianMixture(MixtureModel):
 
     def set_covariances(self, covariances) -> None:
         """Set covariances given in scikit-learn's layout (see ``covariances_``)."""
-        cov = torch.as_tensor(covariances, dtype=self.dtype)
+        cov = as_tensor(covariances, self.dtype)
         K, D = self.n_components, self.n_features_in_
         expected = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}
         shape = expected[self.covariance_type]

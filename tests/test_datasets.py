@@ -1,0 +1,40 @@
+"""The bundled and offline data sets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elbolab.datasets import load, load_digits, load_faithful, load_iris, make_mixture
+
+from families import fitted_model
+
+
+def test_faithful_is_bundled_with_its_provenance():
+    from importlib import resources
+
+    d = load_faithful()
+    assert d.data.shape == (272, 2) and d.data.dtype == torch.float64
+    assert d.feature_names == ["eruptions", "waiting"]
+    assert d.data[0].tolist() == [3.6, 79.0]  # first row of R's datasets::faithful
+    text = resources.files("elbolab.datasets").joinpath("data/PROVENANCE.md").read_text()
+    assert "Azzalini" in text and "faithful" in text
+
+
+def test_standardized():
+    s = load_faithful().standardized().data
+    assert torch.allclose(s.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(s.std(0, unbiased=False), torch.ones(2, dtype=torch.float64))
+
+
+def test_sklearn_sets_through_one_interface():
+    assert load("iris").data.shape == (150, 4) and load_iris().target.unique().numel() == 3
+    digits = load_digits(binarize=True)
+    assert digits.data.shape == (1797, 64) and set(digits.data.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="unknown data set 'mnist'"):
+        load("mnist")
+
+
+def test_make_mixture_has_known_components():
+    d = make_mixture(fitted_model("poisson"), 100, seed=0)
+    assert d.data.shape == (100, 3) and d.target.shape == (100,)
