@@ -174,21 +174,49 @@ def bench_convergence(x: np.ndarray) -> list[dict]:
     rows = []
     model, guide = fresh()
     t0 = time.perf_counter()
-    res = EM(model, guide, tol=TOL, max_iter=MAX_ITER, n_init=1, init="kmeans++",
-             reg_covar=REG_COVAR, seed=0, progress=False).fit(x)
+    res = EM(
+        model,
+        guide,
+        tol=TOL,
+        max_iter=MAX_ITER,
+        n_init=1,
+        init="kmeans++",
+        reg_covar=REG_COVAR,
+        seed=0,
+        progress=False,
+    ).fit(x)
     t = time.perf_counter() - t0
-    ours = {"who": "ours kmeans++", "time": t, "ll": res.log_likelihoods[-1],
-            "n_iter": res.n_iter, "converged": res.converged}
+    ours = {
+        "who": "ours kmeans++",
+        "time": t,
+        "ll": res.log_likelihoods[-1],
+        "n_iter": res.n_iter,
+        "converged": res.converged,
+    }
     rows.append(ours)
     for init in ("k-means++", "kmeans"):
-        gm = SkGM(N_COMPONENTS, covariance_type="full", tol=TOL, max_iter=MAX_ITER,
-                  init_params=init, reg_covar=REG_COVAR, random_state=0)
+        gm = SkGM(
+            N_COMPONENTS,
+            covariance_type="full",
+            tol=TOL,
+            max_iter=MAX_ITER,
+            init_params=init,
+            reg_covar=REG_COVAR,
+            random_state=0,
+        )
         t0 = time.perf_counter()
         gm.fit(x)
         t = time.perf_counter() - t0
-        rows.append({"who": f"sklearn {init}", "time": t, "ll": float(gm.score(x)),
-                     "n_iter": int(gm.n_iter_), "converged": bool(gm.converged_),
-                     "ratio": ours["time"] / t})
+        rows.append(
+            {
+                "who": f"sklearn {init}",
+                "time": t,
+                "ll": float(gm.score(x)),
+                "n_iter": int(gm.n_iter_),
+                "converged": bool(gm.converged_),
+                "ratio": ours["time"] / t,
+            }
+        )
     return rows
 
 
@@ -202,15 +230,30 @@ def bench_fixed_iters(x: np.ndarray, start: dict, repeats: int):
     precisions = np.linalg.inv(start["covariances"])
 
     def sk():
-        gm = SkGM(N_COMPONENTS, covariance_type="full", tol=0.0, max_iter=FIXED_ITERS,
-                  reg_covar=REG_COVAR, weights_init=start["weights"],
-                  means_init=start["means"], precisions_init=precisions, random_state=0)
+        gm = SkGM(
+            N_COMPONENTS,
+            covariance_type="full",
+            tol=0.0,
+            max_iter=FIXED_ITERS,
+            reg_covar=REG_COVAR,
+            weights_init=start["weights"],
+            means_init=start["means"],
+            precisions_init=precisions,
+            random_state=0,
+        )
         return gm.fit(x)
 
     def ours():
         model, guide = fresh()
-        res = EM(model, guide, init=dict(start), tol=0.0, max_iter=FIXED_ITERS,
-                 reg_covar=REG_COVAR, progress=False).fit(x)
+        res = EM(
+            model,
+            guide,
+            init=dict(start),
+            tol=0.0,
+            max_iter=FIXED_ITERS,
+            reg_covar=REG_COVAR,
+            progress=False,
+        ).fit(x)
         return model, guide, res
 
     with warnings.catch_warnings():
@@ -218,9 +261,17 @@ def bench_fixed_iters(x: np.ndarray, start: dict, repeats: int):
         t_sk, gm = best_of(sk, repeats)
         t_ours, (model, guide, res) = best_of(ours, repeats)
     ll_sk, ll_ours = float(gm.score(x)), res.log_likelihoods[-1]
-    return {"t_ours": t_ours, "t_sk": t_sk, "ll_ours": ll_ours, "ll_sk": ll_sk,
-            "rel": abs(ll_ours - ll_sk) / abs(ll_sk), "n_iter": (res.n_iter, int(gm.n_iter_)),
-            "model": model, "guide": guide, "sk": gm}
+    return {
+        "t_ours": t_ours,
+        "t_sk": t_sk,
+        "ll_ours": ll_ours,
+        "ll_sk": ll_sk,
+        "rel": abs(ll_ours - ll_sk) / abs(ll_sk),
+        "n_iter": (res.n_iter, int(gm.n_iter_)),
+        "model": model,
+        "guide": guide,
+        "sk": gm,
+    }
 
 
 def bench_e_step(x: np.ndarray, model, guide, gm, repeats: int) -> dict:
@@ -235,8 +286,12 @@ def bench_e_step(x: np.ndarray, model, guide, gm, repeats: int) -> dict:
     t_pyro, r_pyro = best_of(pyro_e, repeats)
     t_hand, log_r = best_of(lambda: hand_e_step(xt, w, mu, cov).exp(), repeats)
     t_sk, (_, log_r_sk) = best_of(lambda: gm._estimate_log_prob_resp(x), repeats)
-    return {"t_pyro": t_pyro, "t_hand": t_hand, "t_sk": t_sk,
-            "diff": float((r_pyro - log_r).abs().max())}
+    return {
+        "t_pyro": t_pyro,
+        "t_hand": t_hand,
+        "t_sk": t_sk,
+        "diff": float((r_pyro - log_r).abs().max()),
+    }
 
 
 def bench_breakdown(x: np.ndarray, model, guide, repeats: int) -> list[tuple[str, float]]:
@@ -256,16 +311,28 @@ def bench_breakdown(x: np.ndarray, model, guide, repeats: int) -> list[tuple[str
         ("  enumerate_joint(model, x)", best_of(lambda: enumerate_joint(model, xt), repeats)[0]),
     ]
     loc, L = model.means_.unsqueeze(1), model.scale_tril.detach().unsqueeze(1)  # (K,1,D[,D])
-    out.append(("    MVN(loc[z], L[z]).log_prob(x) alone",
-                best_of(lambda: MultivariateNormal(loc, scale_tril=L).log_prob(xt), repeats)[0]))
-    out.append(("    PyroParam read (weights, means, scale_tril)",
-                best_of(lambda: (model.weights, model.means, model.scale_tril), repeats)[0]))
+    out.append(
+        (
+            "    MVN(loc[z], L[z]).log_prob(x) alone",
+            best_of(lambda: MultivariateNormal(loc, scale_tril=L).log_prob(xt), repeats)[0],
+        )
+    )
+    out.append(
+        (
+            "    PyroParam read (weights, means, scale_tril)",
+            best_of(lambda: (model.weights, model.means, model.scale_tril), repeats)[0],
+        )
+    )
     guide.refresh(xt)
     out.append(("guide.probs(x) from cache", best_of(lambda: guide.probs(xt), repeats)[0]))
     resp = guide.probs(xt)
     nk = resp.sum(0)
-    out.append(("closed-form M-step _m_step_gaussian",
-                best_of(lambda: _m_step_gaussian(model, xt, resp, nk, REG_COVAR), repeats)[0]))
+    out.append(
+        (
+            "closed-form M-step _m_step_gaussian",
+            best_of(lambda: _m_step_gaussian(model, xt, resp, nk, REG_COVAR), repeats)[0],
+        )
+    )
     return out
 
 
@@ -285,8 +352,10 @@ def main() -> None:
     import sklearn
     from threadpoolctl import threadpool_info
 
-    print(f"elbolab EM benchmark: N={n:,}, K={N_COMPONENTS}, full covariance, float64, "
-          f"torch threads={torch.get_num_threads()}, repeats={args.repeats}")
+    print(
+        f"elbolab EM benchmark: N={n:,}, K={N_COMPONENTS}, full covariance, float64, "
+        f"torch threads={torch.get_num_threads()}, repeats={args.repeats}"
+    )
 
     print(f"warm-up (first fits in this process, one-time imports): {warm_up():.2f} s")
     results = {}
@@ -296,15 +365,21 @@ def main() -> None:
         print(f"\n=== D = {d} ===")
         conv = bench_convergence(x)
         for r in conv:
-            print(f"  1a {r['who']:<17} {r['time']:8.3f} s  ll={r['ll']:.6f}  "
-                  f"iters={r['n_iter']:3d}  converged={r['converged']}")
+            print(
+                f"  1a {r['who']:<17} {r['time']:8.3f} s  ll={r['ll']:.6f}  "
+                f"iters={r['n_iter']:3d}  converged={r['converged']}"
+            )
         fixed = bench_fixed_iters(x, shared_start(x), args.repeats)
-        print(f"  1b {FIXED_ITERS} iterations: ours {fixed['t_ours']:.3f} s, sklearn "
-              f"{fixed['t_sk']:.3f} s, ll ours={fixed['ll_ours']:.10f} "
-              f"sklearn={fixed['ll_sk']:.10f} (rel diff {fixed['rel']:.1e})")
+        print(
+            f"  1b {FIXED_ITERS} iterations: ours {fixed['t_ours']:.3f} s, sklearn "
+            f"{fixed['t_sk']:.3f} s, ll ours={fixed['ll_ours']:.10f} "
+            f"sklearn={fixed['ll_sk']:.10f} (rel diff {fixed['rel']:.1e})"
+        )
         e = bench_e_step(x, fixed["model"], fixed["guide"], fixed["sk"], args.repeats)
-        print(f"  2  E-step: pyro {e['t_pyro'] * 1e3:.1f} ms, hand {e['t_hand'] * 1e3:.1f} ms, "
-              f"sklearn {e['t_sk'] * 1e3:.1f} ms, max|r_pyro - r_hand| = {e['diff']:.1e}")
+        print(
+            f"  2  E-step: pyro {e['t_pyro'] * 1e3:.1f} ms, hand {e['t_hand'] * 1e3:.1f} ms, "
+            f"sklearn {e['t_sk'] * 1e3:.1f} ms, max|r_pyro - r_hand| = {e['diff']:.1e}"
+        )
         if args.breakdown:
             print("  3  one iteration of ours, by piece (best of repeats):")
             for name, t in bench_breakdown(x, fixed["model"], fixed["guide"], args.repeats):
@@ -313,34 +388,49 @@ def main() -> None:
         results[d] = (conv, fixed, e)
 
     # ------------------------------------------------------------------ summary table
-    blas = ", ".join(f"{i['internal_api']} {i.get('version')} ({i['num_threads']} thr)"
-                     for i in threadpool_info()) or "none loaded"
+    blas = (
+        ", ".join(
+            f"{i['internal_api']} {i.get('version')} ({i['num_threads']} thr)"
+            for i in threadpool_info()
+        )
+        or "none loaded"
+    )
     print("\n" + "=" * 96)
     print(f"platform : {platform.platform()} | python {platform.python_version()}")
     print(f"cpu      : {cpu_model()} | cores {threads} | torch threads {torch.get_num_threads()}")
-    print(f"versions : torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
-          f"pyro {pyro.__version__}, numpy {np.__version__}")
+    print(
+        f"versions : torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
+        f"pyro {pyro.__version__}, numpy {np.__version__}"
+    )
     print(f"blas     : {blas}")
     print(f"data     : N={n:,}, K={N_COMPONENTS}, full covariance, float64")
     print("-" * 96)
-    hdr = f"{'D':>3} {'measurement':<34} {'ours':>9} {'ref':>9} {'ours/ref':>8} {'target':>7}  notes"
+    hdr = (
+        f"{'D':>3} {'measurement':<34} {'ours':>9} {'ref':>9} {'ours/ref':>8} {'target':>7}  notes"
+    )
     print(hdr)
     print("-" * 96)
     for d, (conv, fixed, e) in results.items():
         ours = conv[0]
         for r in conv[1:]:
             target = "<=1.0" if r["who"].endswith("k-means++") else "(ref)"
-            print(f"{d:>3} {'1a fit+init vs ' + r['who']:<34} {ours['time']:8.2f}s "
-                  f"{r['time']:8.2f}s {r['ratio']:8.2f} {target:>7}  "
-                  f"ll {ours['ll']:.5f} vs {r['ll']:.5f}; iters {ours['n_iter']} vs {r['n_iter']}"
-                  f"; s/iter {ours['time'] / ours['n_iter']:.3f} vs {r['time'] / r['n_iter']:.3f}")
-        print(f"{d:>3} {f'1b {FIXED_ITERS} iters, shared init vs sklearn':<34} "
-              f"{fixed['t_ours']:8.2f}s {fixed['t_sk']:8.2f}s "
-              f"{fixed['t_ours'] / fixed['t_sk']:8.2f} {'<=1.0':>7}  "
-              f"ll {fixed['ll_ours']:.10f} vs {fixed['ll_sk']:.10f} (rel {fixed['rel']:.1e})")
-        print(f"{d:>3} {'2  E-step pyro vs hand torch':<34} {e['t_pyro'] * 1e3:7.1f}ms "
-              f"{e['t_hand'] * 1e3:7.1f}ms {e['t_pyro'] / e['t_hand']:8.2f} {'<=1.5':>7}  "
-              f"max|dr| {e['diff']:.1e}; sklearn E-step {e['t_sk'] * 1e3:.1f} ms")
+            print(
+                f"{d:>3} {'1a fit+init vs ' + r['who']:<34} {ours['time']:8.2f}s "
+                f"{r['time']:8.2f}s {r['ratio']:8.2f} {target:>7}  "
+                f"ll {ours['ll']:.5f} vs {r['ll']:.5f}; iters {ours['n_iter']} vs {r['n_iter']}"
+                f"; s/iter {ours['time'] / ours['n_iter']:.3f} vs {r['time'] / r['n_iter']:.3f}"
+            )
+        print(
+            f"{d:>3} {f'1b {FIXED_ITERS} iters, shared init vs sklearn':<34} "
+            f"{fixed['t_ours']:8.2f}s {fixed['t_sk']:8.2f}s "
+            f"{fixed['t_ours'] / fixed['t_sk']:8.2f} {'<=1.0':>7}  "
+            f"ll {fixed['ll_ours']:.10f} vs {fixed['ll_sk']:.10f} (rel {fixed['rel']:.1e})"
+        )
+        print(
+            f"{d:>3} {'2  E-step pyro vs hand torch':<34} {e['t_pyro'] * 1e3:7.1f}ms "
+            f"{e['t_hand'] * 1e3:7.1f}ms {e['t_pyro'] / e['t_hand']:8.2f} {'<=1.5':>7}  "
+            f"max|dr| {e['diff']:.1e}; sklearn E-step {e['t_sk'] * 1e3:.1f} ms"
+        )
     print("=" * 96)
 
 

@@ -93,7 +93,11 @@ class ExactPosterior(PyroModule):
             raise ValueError("fix() supports models with a single latent site")
         table = log_probs.to(joint.log_joint.dtype).movedim(-1, joint.enum_dim(0))
         joint = EnumeratedJoint(
-            table, joint.sites, joint.cardinalities, joint.frames, joint.scales,
+            table,
+            joint.sites,
+            joint.cardinalities,
+            joint.frames,
+            joint.scales,
             joint.max_plate_nesting,
         )
         self._cache = (self._cache[0], joint)

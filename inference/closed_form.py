@@ -47,9 +47,11 @@ def _m_step_gaussian(model: GaussianMixture, x, resp, nk, reg_covar: float) -> N
         model.assign("scale_tril", scale_tril)
         return
     # sigma_kj^2 = (1 / N_k) sum_d r_dk (x_dj - mu_kj)^2 + reg
-    var = torch.stack(
-        [(resp[:, k, None] * (x - means[k]) ** 2).sum(0) for k in range(len(nk))]
-    ) / nk.unsqueeze(-1) + reg_covar
+    var = (
+        torch.stack([(resp[:, k, None] * (x - means[k]) ** 2).sum(0) for k in range(len(nk))])
+        / nk.unsqueeze(-1)
+        + reg_covar
+    )
     if kind == "spherical":
         var = var.mean(-1)  # one variance per component: the mean of the diagonal
     if not bool((var > singular_floor(x)).all()) or not bool(torch.isfinite(var).all()):

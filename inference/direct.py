@@ -31,7 +31,9 @@ def _no_guide(*args, **kwargs) -> None:
 def marginal_log_likelihood(model, x, sample_weight=None) -> torch.Tensor:
     """sum_d w_d log p(x_d; theta), differentiable, from ``TraceEnum_ELBO`` with no guide."""
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
-    return -elbo.differentiable_loss(config_enumerate(model, "parallel"), _no_guide, x, sample_weight)
+    return -elbo.differentiable_loss(
+        config_enumerate(model, "parallel"), _no_guide, x, sample_weight
+    )
 
 
 class DirectML:
@@ -114,8 +116,14 @@ class DirectML:
         model = self.model
         params = [p for p in model.parameters() if p.requires_grad]
         if self.optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, max_eval=25, history_size=20,
-                                    line_search_fn="strong_wolfe")
+            opt = torch.optim.LBFGS(
+                params,
+                lr=1.0,
+                max_iter=1,
+                max_eval=25,
+                history_size=20,
+                line_search_fn="strong_wolfe",
+            )
         else:
             opt = torch.optim.Adam(params, lr=self.lr)
 
@@ -126,10 +134,12 @@ class DirectML:
             return loss
 
         lls = [float(marginal_log_likelihood(model, x, w).detach()) / total]
-        converged, it = False, 0
+        converged = False
         last_good = [p.detach().clone() for p in params]
-        bar = tqdm(total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False)
-        for it in range(1, self.max_iter + 1):
+        bar = tqdm(
+            total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False
+        )
+        for _ in range(self.max_iter):
             opt.step(closure)
             ll = float(marginal_log_likelihood(model, x, w).detach()) / total
             with torch.no_grad():
@@ -148,7 +158,7 @@ class DirectML:
                 converged = True
                 break
         bar.close()
-        return EMResult(lls, lls[1:], converged, it, "direct")
+        return EMResult(lls, lls[1:], converged, len(lls) - 1, "direct")
 
 
 def _has_closed_form(model) -> bool:

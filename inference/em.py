@@ -84,10 +84,16 @@ def check_sample_weight(sample_weight, n: int, dtype: torch.dtype) -> torch.Tens
     """``sample_weight`` as a tensor of shape (n,), or a ``ValueError`` with the fix."""
     if sample_weight is None:
         return None
-    w = torch.as_tensor(np.asarray(sample_weight) if not isinstance(sample_weight, torch.Tensor)
-                        else sample_weight.detach(), dtype=dtype)
+    w = torch.as_tensor(
+        np.asarray(sample_weight)
+        if not isinstance(sample_weight, torch.Tensor)
+        else sample_weight.detach(),
+        dtype=dtype,
+    )
     if w.shape != (n,):
-        raise ValueError(f"sample_weight must have shape ({n},), one weight per sample, got {tuple(w.shape)}")
+        raise ValueError(
+            f"sample_weight must have shape ({n},), one weight per sample, got {tuple(w.shape)}"
+        )
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError("sample_weight must be finite and non-negative with a positive sum")
     return w
@@ -142,7 +148,7 @@ class EM:
         reg_covar: float = 1e-6,
         seed: int | None = None,
         warm_start: bool = False,
-        gradient_max_iter: int = 50,
+        gradient_max_iter: int = 20,
         progress: bool = True,
         callback: Callable[[int, MixtureModel], None] | None = None,
     ) -> None:
@@ -266,7 +272,9 @@ class EM:
         log_joint, log_px = e_step()
         lls, lbs = [wmean(log_px)], []
         previous, converged, it = lls[0], False, 0  # after an E-step, bound = ll (EM-TIGHT)
-        bar = tqdm(total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False)
+        bar = tqdm(
+            total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False
+        )
         for it in range(1, self.max_iter + 1):
             log_resp = log_joint - log_px.unsqueeze(-1)  # r_dk (EM-MIX.1)
             if closed:

@@ -66,8 +66,10 @@ class CategoricalMixture(MixtureModel):
                 "CategoricalMixture needs category codes (integers 0, 1, ..., C-1); "
                 "encode the categories as integers first."
             )
-        if self.n_categories is not None and (fitted or self._fixed_categories) and bool(
-            (x >= self.n_categories).any()
+        if (
+            self.n_categories is not None
+            and (fitted or self._fixed_categories)
+            and bool((x >= self.n_categories).any())
         ):
             raise ValueError(
                 f"category {int(x.max())} is out of range for n_categories="

@@ -6,8 +6,15 @@ import torch
 
 from elbolab.models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture
 
-FAMILIES = ["gaussian-full", "gaussian-tied", "gaussian-diag", "gaussian-spherical",
-            "bernoulli", "poisson", "categorical"]
+FAMILIES = [
+    "gaussian-full",
+    "gaussian-tied",
+    "gaussian-diag",
+    "gaussian-spherical",
+    "bernoulli",
+    "poisson",
+    "categorical",
+]
 
 
 def make_model(family: str, K: int = 3):
@@ -41,7 +48,10 @@ def true_params(family: str, K: int = 3, D: int = 3) -> dict:
         }[kind]
         return {"weights": w, "means": means, "covariances": cov}
     if family == "bernoulli":
-        return {"weights": w, "probs": torch.rand(K, D, generator=g, dtype=torch.float64) * 0.8 + 0.1}
+        return {
+            "weights": w,
+            "probs": torch.rand(K, D, generator=g, dtype=torch.float64) * 0.8 + 0.1,
+        }
     if family == "poisson":
         return {"weights": w, "rates": torch.rand(K, D, generator=g, dtype=torch.float64) * 8 + 0.5}
     if family == "categorical":

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from elbolab.datasets import load, load_digits, load_faithful, load_iris, make_mixture
-
 from families import fitted_model
 
 

@@ -26,7 +26,6 @@ from elbolab.inference import (
     weights_m_step,
 )
 from elbolab.models import GaussianMixture
-
 from families import FAMILIES, fitted_model, make_model, sample_data, true_params
 
 EXACT = 1e-10
@@ -140,8 +139,14 @@ def test_EM_2(family):
 
     by_q = perturbed(family)
     params = list(by_q.parameters())
-    opt = torch.optim.LBFGS(params, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe", history_size=50)
+    opt = torch.optim.LBFGS(
+        params,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+        history_size=50,
+    )
 
     def closure():
         opt.zero_grad()
@@ -165,9 +170,18 @@ def test_EM_MONO(family, m_step):
     """
     x = sample_data(family, 300)
     model = make_model(family)
-    em = EM(model, ExactPosterior(model), m_step=m_step, reg_covar=0.0, tol=1e-9,
-            max_iter=40 if m_step == "closed-form" else 8, init="random", seed=0,
-            gradient_max_iter=10, progress=False)
+    em = EM(
+        model,
+        ExactPosterior(model),
+        m_step=m_step,
+        reg_covar=0.0,
+        tol=1e-9,
+        max_iter=40 if m_step == "closed-form" else 8,
+        init="random",
+        seed=0,
+        gradient_max_iter=10,
+        progress=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         result = em.fit(x)
@@ -192,8 +206,15 @@ def test_EM_MIX_LB(family):
         start["means"] = start["means"] + 0.5
     model = make_model(family)
     with pytest.warns(ConvergenceWarning):
-        result = EM(model, ExactPosterior(model), init=start, max_iter=1, tol=0.0,
-                    reg_covar=0.0, progress=False).fit(x)
+        result = EM(
+            model,
+            ExactPosterior(model),
+            init=start,
+            max_iter=1,
+            tol=0.0,
+            reg_covar=0.0,
+            progress=False,
+        ).fit(x)
     by_pyro = make_model(family)
     by_pyro.build(x.shape[1], x.dtype)
     by_pyro.set_params(**start)

@@ -15,7 +15,6 @@ from torch.distributions import Categorical, kl_divergence
 
 from elbolab.guides import ExactPosterior
 from elbolab.inference import elbo_loss
-
 from families import FAMILIES, fitted_model, sample_data
 
 EXACT = 1e-10  # float64, exact enumeration: only round-off separates the two sides
@@ -103,7 +102,9 @@ def test_LB_2(family):
     log_q = random_q(50, 3, seed=3)
     log_px_given_z = model.log_joint(x) - model.weights_.log()  # log p_k(x_d)
     reconstruction = (log_q.exp() * log_px_given_z).sum()
-    kl_prior = kl_divergence(Categorical(logits=log_q), Categorical(logits=model.weights_.log())).sum()
+    kl_prior = kl_divergence(
+        Categorical(logits=log_q), Categorical(logits=model.weights_.log())
+    ).sum()
     assert close(pyro_elbo(model, guide_with_q(model, x, log_q), x), reconstruction - kl_prior)
 
 

@@ -13,7 +13,6 @@ from torch.distributions import constraints
 from elbolab.guides import ExactPosterior
 from elbolab.inference import EM, gradient_m_step, lookup_m_step, register_m_step
 from elbolab.models import MixtureModel
-
 from families import FAMILIES, fitted_model, sample_data, true_params
 
 
@@ -23,8 +22,9 @@ def test_program_has_latent_z_and_observed_x_in_a_data_plate(family):
     trace = poutine.trace(model).get_trace(x)
     z, obs = trace.nodes["z"], trace.nodes["x"]
     assert not z["is_observed"] and obs["is_observed"]
-    assert isinstance(z["fn"].base_dist if hasattr(z["fn"], "base_dist") else z["fn"],
-                      dist.Categorical)
+    assert isinstance(
+        z["fn"].base_dist if hasattr(z["fn"], "base_dist") else z["fn"], dist.Categorical
+    )
     assert [f.name for f in z["cond_indep_stack"]] == ["data"]
     assert z["value"].shape == (10,)
     assert set(trace.param_nodes) <= {n for n in trace.nodes}  # params are local, no globals
@@ -61,9 +61,15 @@ def test_sample_is_reproducible_with_a_seed():
 
 @pytest.mark.parametrize(
     "family,expected",
-    [("gaussian-full", 3 * 3 + 3 * 6 + 2), ("gaussian-tied", 9 + 6 + 2),
-     ("gaussian-diag", 9 + 9 + 2), ("gaussian-spherical", 9 + 3 + 2),
-     ("bernoulli", 9 + 2), ("poisson", 9 + 2), ("categorical", 3 * 3 * 3 + 2)],
+    [
+        ("gaussian-full", 3 * 3 + 3 * 6 + 2),
+        ("gaussian-tied", 9 + 6 + 2),
+        ("gaussian-diag", 9 + 9 + 2),
+        ("gaussian-spherical", 9 + 3 + 2),
+        ("bernoulli", 9 + 2),
+        ("poisson", 9 + 2),
+        ("categorical", 3 * 3 * 3 + 2),
+    ],
 )
 def test_n_parameters(family, expected):
     assert fitted_model(family).n_parameters() == expected
@@ -83,8 +89,9 @@ class ExponentialMixture(MixtureModel):
     """A new family in a few lines: p_k(x) = prod_j rate_kj exp(-rate_kj x_j)."""
 
     def _build(self, n_features, dtype):
-        self.rates = PyroParam(torch.ones(self.n_components, n_features, dtype=dtype),
-                               constraints.positive)
+        self.rates = PyroParam(
+            torch.ones(self.n_components, n_features, dtype=dtype), constraints.positive
+        )
 
     def _component_params(self):
         return {"rates": self.rates}
@@ -120,26 +127,31 @@ def test_a_new_family_gets_em_from_the_gradient_m_step():
     x = exponential_data()
     model = ExponentialMixture(2)
     assert lookup_m_step(ExponentialMixture) is None
-    result = EM(model, ExactPosterior(model), seed=0, tol=1e-6, max_iter=200,
-                progress=False).fit(x)
+    result = EM(model, ExactPosterior(model), seed=0, tol=1e-6, max_iter=200, progress=False).fit(x)
     assert result.m_step == "gradient" and result.converged
     rates = model.rates.detach()[torch.argsort(model.weights_)]  # smaller weight first
     expected = torch.tensor([[5.0, 0.3], [0.5, 4.0]], dtype=torch.float64)  # pi = 0.4, 0.6
     assert torch.allclose(rates, expected, rtol=0.15)
     lls = result.log_likelihoods
-    assert all(b >= a - 1e-10 for a, b in zip(lls, lls[1:]))  # EM-MONO holds for GEM
+    assert all(b >= a - 1e-10 for a, b in zip(lls, lls[1:], strict=False))  # EM-MONO holds for GEM
 
 
 def test_registering_a_closed_form_m_step_agrees_with_the_gradient_one():
     """(EM-MIX.3) the registered closed form equals the gradient M-step's optimum."""
     x = exponential_data(500)
-    log_r = torch.randn(500, 2, generator=torch.Generator().manual_seed(1),
-                        dtype=torch.float64).log_softmax(-1)
+    log_r = torch.randn(
+        500, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    ).log_softmax(-1)
     closed = ExponentialMixtureClosedForm(2).build(2, torch.float64)
     lookup_m_step(type(closed))(closed, x, log_r.exp(), log_r.exp().sum(0), 0.0)
     by_gradient = ExponentialMixture(2).build(2, torch.float64)
-    gradient_m_step(by_gradient, ExactPosterior(by_gradient).fix(log_r, x), x, max_iter=500,
-                    tolerance_grad=1e-12)
+    gradient_m_step(
+        by_gradient,
+        ExactPosterior(by_gradient).fix(log_r, x),
+        x,
+        max_iter=500,
+        tolerance_grad=1e-12,
+    )
     assert torch.allclose(by_gradient.rates, closed.rates, rtol=1e-6)
     model = ExponentialMixtureClosedForm(2)
     assert EM(model, ExactPosterior(model), seed=0, progress=False).fit(x).m_step == "closed-form"

@@ -44,14 +44,29 @@ def initial_parameters(x: np.ndarray, kind: str):
 def test_same_trajectory_as_sklearn(kind):
     x = load_iris().data.numpy()
     weights, means, cov, precisions = initial_parameters(x, kind)
-    sk = SkGaussianMixture(3, covariance_type=kind, tol=0.0, max_iter=N_ITER, reg_covar=1e-6,
-                           weights_init=weights, means_init=means, precisions_init=precisions)
+    sk = SkGaussianMixture(
+        3,
+        covariance_type=kind,
+        tol=0.0,
+        max_iter=N_ITER,
+        reg_covar=1e-6,
+        weights_init=weights,
+        means_init=means,
+        precisions_init=precisions,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         sk.fit(x)
     model = GaussianMixture(3, covariance_type=kind)
-    em = EM(model, ExactPosterior(model), tol=0.0, max_iter=N_ITER, reg_covar=1e-6,
-            init={"weights": weights, "means": means, "covariances": cov}, progress=False)
+    em = EM(
+        model,
+        ExactPosterior(model),
+        tol=0.0,
+        max_iter=N_ITER,
+        reg_covar=1e-6,
+        init={"weights": weights, "means": means, "covariances": cov},
+        progress=False,
+    )
     with pytest.warns(ConvergenceWarning):
         result = em.fit(x)
     assert result.n_iter == sk.n_iter_ == N_ITER
@@ -61,8 +76,9 @@ def test_same_trajectory_as_sklearn(kind):
     np.testing.assert_allclose(model.means_.numpy(), sk.means_, rtol=0, atol=1e-6)
     np.testing.assert_allclose(model.covariances_.numpy(), sk.covariances_, rtol=0, atol=1e-6)
     # exact per-sample log-likelihoods agree as well
-    np.testing.assert_allclose(model.log_likelihood(x).detach().numpy(), sk.score_samples(x),
-                               rtol=1e-8)
+    np.testing.assert_allclose(
+        model.log_likelihood(x).detach().numpy(), sk.score_samples(x), rtol=1e-8
+    )
 
 
 @pytest.mark.parametrize("kind", ["full", "tied", "diag", "spherical"])
@@ -72,8 +88,9 @@ def test_log_likelihood_and_bic_match_sklearn(kind):
     sk = SkGaussianMixture(3, covariance_type=kind, random_state=0).fit(x)
     model = GaussianMixture(3, covariance_type=kind).build(4, torch.float64)
     model.set_params(weights=sk.weights_, means=sk.means_, covariances=sk.covariances_)
-    np.testing.assert_allclose(model.log_likelihood(x).detach().numpy(), sk.score_samples(x),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        model.log_likelihood(x).detach().numpy(), sk.score_samples(x), rtol=1e-10
+    )
     assert model.n_parameters() == sk._n_parameters()
     assert model.bic(x) == pytest.approx(sk.bic(x), rel=1e-10)
     assert model.aic(x) == pytest.approx(sk.aic(x), rel=1e-10)

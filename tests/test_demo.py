@@ -1,0 +1,38 @@
+"""The main job, in its fast mode: table, agreement, figures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from elbolab import demo
+
+
+def test_demo_fits_agree_and_write_figures(tmp_path, capsys):
+    fits = demo.run(tmp_path, fast=True)
+    printed = capsys.readouterr().out
+    for name in (
+        "EM, closed-form M-step",
+        "EM, gradient M-step",
+        "direct (z summed out)",
+        "scikit-learn GaussianMixture",
+    ):
+        assert name in printed
+    reference = fits["EM, closed-form M-step"]["result"].log_likelihood
+    for name in ("EM, gradient M-step", "direct (z summed out)"):
+        assert abs(fits[name]["result"].log_likelihood - reference) < 1e-5  # fast mode: tol 1e-6
+    assert abs(fits["scikit-learn"]["loglik"] - reference) < 1e-5
+    for png in ("em_iterations.png", "em_loglik_bound.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(fits["snapshots"]) == {0, 1, 2, 5, "final"} | ({20} & set(fits["snapshots"]))
+
+
+def test_console_command_help():
+    done = subprocess.run(
+        [sys.executable, "-m", "elbolab.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "elbolab demo" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "elbolab.cli", "nope"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
