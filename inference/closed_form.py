@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 
 from ..models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture
-from ..models.gaussian import cholesky_or_raise, singular_covariance_error, singular_floor
+from ..models.gaussian import (
+    BLOCK,
+    cholesky_or_raise,
+    singular_covariance_error,
+    singular_floor,
+)
 from .registry import register_m_step
 
 
@@ -34,9 +39,7 @@ def _m_step_gaussian(model: GaussianMixture, x, resp, nk, reg_covar: float) -> N
     # centred sums, as PRML (9.25) writes them (the E[x x^T] - mu mu^T shortcut loses
     # every digit when a component shrinks onto a few points)
     if kind in ("full", "tied"):
-        scatter = torch.stack(
-            [(resp[:, k, None] * (x - means[k])).T @ (x - means[k]) for k in range(len(nk))]
-        )  # sum_d r_dk (x_d - mu_k)(x_d - mu_k)^T, (K, D, D)
+        scatter = _centred_scatter(x, resp, means, full=True)  # (K, D, D)
         eye = torch.eye(x.shape[1], dtype=x.dtype)
         if kind == "full":
             cov = scatter / nk[:, None, None] + reg_covar * eye  # Sigma_k
@@ -47,17 +50,30 @@ def _m_step_gaussian(model: GaussianMixture, x, resp, nk, reg_covar: float) -> N
         model.assign("scale_tril", scale_tril)
         return
     # sigma_kj^2 = (1 / N_k) sum_d r_dk (x_dj - mu_kj)^2 + reg
-    var = (
-        torch.stack([(resp[:, k, None] * (x - means[k]) ** 2).sum(0) for k in range(len(nk))])
-        / nk.unsqueeze(-1)
-        + reg_covar
-    )
+    var = _centred_scatter(x, resp, means, full=False) / nk.unsqueeze(-1) + reg_covar
     if kind == "spherical":
         var = var.mean(-1)  # one variance per component: the mean of the diagonal
     if not bool((var > singular_floor(x)).all()) or not bool(torch.isfinite(var).all()):
         raise singular_covariance_error(kind)
     model.assign("means", means)
     model.assign("scales", var.sqrt())
+
+
+def _centred_scatter(x, resp, means, full: bool) -> torch.Tensor:
+    """sum_d r_dk (x_d - mu_k)(x_d - mu_k)^T, shape (K, D, D), or its diagonal (K, D).
+
+    Accumulated over blocks of rows so the (K, B, D) temporaries stay small.
+    """
+    K, D = means.shape
+    out = torch.zeros((K, D, D) if full else (K, D), dtype=x.dtype)
+    for start in range(0, x.shape[0], BLOCK):
+        diff = x[start : start + BLOCK].unsqueeze(0) - means.unsqueeze(1)  # (K, B, D)
+        weighted = diff * resp[start : start + BLOCK].T.unsqueeze(-1)  # r_dk (x_d - mu_k)
+        if full:
+            out.baddbmm_(weighted.mT, diff)
+        else:
+            out += (weighted * diff).sum(1)
+    return out
 
 
 @register_m_step(BernoulliMixture)

@@ -207,8 +207,11 @@ class EM:
             if best is None or result.lower_bound > best.lower_bound:
                 best, best_state = result, copy.deepcopy(model.state_dict())
                 best.best_init = i
-        model.load_state_dict(best_state)
-        guide.refresh(x, w)  # the guide ends as the posterior at the returned parameters
+        if best.best_init != n_init - 1:
+            model.load_state_dict(best_state)
+            guide.refresh(x, w)
+        # either way the guide ends as the posterior at the returned parameters: the
+        # loop's last E-step was taken at them
         best.init_lower_bounds = finals
         best.fit_time = time.perf_counter() - start
         if not best.converged:

@@ -234,7 +234,8 @@ class MixtureModel(PyroModule):
         params = self._component_params()
         with pyro.plate("data", n, dim=-1):
             with poutine.scale(scale=1.0 if sample_weight is None else sample_weight):
-                z = pyro.sample(self.latent_site, dist.Categorical(self.weights))
+                # logits: the (N, K) expansion inside the plate then needs no log per row
+                z = pyro.sample(self.latent_site, dist.Categorical(logits=self.weights.log()))
                 component = self._component_dist(**{k: v[z] for k, v in params.items()})
                 return pyro.sample(self.observed_site, component, obs=x)
 

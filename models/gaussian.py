@@ -15,6 +15,8 @@ value the optimiser can reach is a valid covariance.
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
@@ -52,13 +54,69 @@ def cholesky_or_raise(cov: torch.Tensor, covariance_type: str, floor: float = 0.
     return L
 
 
+_FLOOR_CACHE: dict = {}
+
+
 def singular_floor(x: torch.Tensor) -> float:
     """Variances below eps * (largest feature variance of x) are numerically singular.
 
     Below it, the round-off in a component mean alone changes (x - mu)^2 / sigma^2 by
     O(1): the likelihood is running off to a degenerate spike on a few points.
+    (Remembered for the last data tensor seen, so EM computes it once per fit.)
     """
-    return float(torch.finfo(x.dtype).eps * x.var(0, unbiased=False).max())
+    key = (id(x), x._version, tuple(x.shape), x.dtype)
+    if key not in _FLOOR_CACHE:
+        _FLOOR_CACHE.clear()
+        _FLOOR_CACHE[key] = float(torch.finfo(x.dtype).eps * x.var(0, unbiased=False).max())
+    return _FLOOR_CACHE[key]
+
+
+#: Rows per block in the blocked computations below: (K, BLOCK, D) temporaries stay a few MB.
+BLOCK = 4096
+
+
+class ComponentMultivariateNormal(dist.MultivariateNormal):
+    """``MultivariateNormal`` whose ``log_prob`` scores K components against N points in blocks.
+
+    Under enumeration of ``"z"`` the component distribution has ``loc`` (K, 1, D) and
+    ``scale_tril`` (K, 1, D, D) and is scored against x (N, D). torch's generic
+    ``log_prob`` then materialises several (K, N, D) tensors; here
+
+        (x - mu_k)^T Sigma_k^{-1} (x - mu_k) = || x P_k - mu_k P_k ||^2,   P_k = L_k^{-T},
+
+    is computed for all k at once with one (B, D) x (D, K D) product per block of B rows,
+    so memory stays O(K B D). Any other shape falls back to torch's implementation.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        L, loc = self._unbroadcasted_scale_tril, self.loc
+        enumerated = (
+            value.dim() == 2
+            and L.dim() == 4
+            and L.shape[1] == 1
+            and loc.dim() == 3
+            and (loc.shape[1] == 1 or loc.stride(1) == 0)
+            and self.batch_shape[-1] in (1, value.shape[0])
+        )
+        if not enumerated:
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        K, D = L.shape[0], L.shape[-1]
+        L = L[:, 0]  # (K, D, D)
+        mu = loc[:, 0]  # (K, D)
+        eye = torch.eye(D, dtype=L.dtype, device=L.device).expand(K, D, D)
+        P = torch.linalg.solve_triangular(L, eye, upper=False).mT  # L_k^{-T}, (K, D, D)
+        W = P.permute(1, 0, 2).reshape(D, K * D)  # [P_1 | ... | P_K]
+        b = (mu.unsqueeze(1) @ P).reshape(1, K * D)  # [mu_1 P_1 | ... | mu_K P_K]
+        blocks = []
+        for start in range(0, value.shape[0], BLOCK):
+            y = value[start : start + BLOCK] @ W - b  # (B, K D)
+            y = y.square_() if not y.requires_grad else y.square()
+            blocks.append(y.view(-1, K, D).sum(-1))
+        maha = torch.cat(blocks).T  # (K, N)
+        half_log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # (K, 1)
+        return -0.5 * (D * math.log(2 * math.pi) + maha) - half_log_det
 
 
 class GaussianMixture(MixtureModel):
@@ -109,7 +167,7 @@ class GaussianMixture(MixtureModel):
 
     def _component_dist(self, loc, scale_tril=None, scale=None) -> dist.TorchDistribution:
         if scale_tril is not None:
-            return dist.MultivariateNormal(loc, scale_tril=scale_tril)
+            return ComponentMultivariateNormal(loc, scale_tril=scale_tril)
         return dist.Normal(loc, scale).to_event(1)
 
     def _n_component_parameters(self) -> int:
