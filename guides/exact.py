@@ -168,13 +168,17 @@ class ExactPosterior(PyroModule):
         """Sample (or, under ``TraceEnum_ELBO``, enumerate) every latent site from q."""
         joint = self.joint(*args, **kwargs)
         values = {}
-        for j, name in enumerate(joint.sites):
-            logits = self._site_logits(joint, j)
-            with ExitStack() as stack:
+        with ExitStack() as plates:
+            opened = set()
+            for j, name in enumerate(joint.sites):
                 for frame in sorted(joint.frames[j], key=lambda f: -f.dim):
-                    stack.enter_context(pyro.plate(frame.name, frame.size, dim=frame.dim))
-                stack.enter_context(poutine.scale(scale=joint.scales[j]))
-                values[name] = pyro.sample(
-                    name, dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
-                )
+                    if frame.name not in opened:  # each plate once, shared by the sites
+                        plates.enter_context(pyro.plate(frame.name, frame.size, dim=frame.dim))
+                        opened.add(frame.name)
+                with poutine.scale(scale=joint.scales[j]):
+                    values[name] = pyro.sample(
+                        name,
+                        dist.Categorical(logits=self._site_logits(joint, j)),
+                        infer={"enumerate": "parallel"},
+                    )
         return values

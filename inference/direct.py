@@ -8,20 +8,16 @@ same maximum by a different road (compare ``EM(...).fit`` with ``DirectML(...).f
 
 from __future__ import annotations
 
-import copy
-import time
-import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
-from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
-from .em import EM, EMResult, check_sample_weight
-from .init import INIT_METHODS
+from .fitting import EMResult, MixtureFitter
 
 
 def _no_guide(*args, **kwargs) -> None:
@@ -36,18 +32,20 @@ def marginal_log_likelihood(model, x, sample_weight=None) -> torch.Tensor:
     )
 
 
-class DirectML:
+class DirectML(MixtureFitter):
     """Maximum likelihood by L-BFGS (or Adam) on log p(x; theta) with z summed out.
 
-    Parameters mirror :class:`~elbolab.inference.EM` where they mean the same:
-    ``tol`` (on the change of the mean log-likelihood), ``max_iter`` (optimiser steps),
-    ``init``, ``n_init``, ``reg_covar`` (used by the initialisation only), ``seed``,
-    ``warm_start``, ``progress``. ``optimizer`` is ``"lbfgs"`` (default) or ``"adam"``
-    with learning rate ``lr``.
+    ``optimizer`` is ``"lbfgs"`` (default; one quasi-Newton step with a strong-Wolfe line
+    search per iteration) or ``"adam"`` with learning rate ``lr``. ``tol`` applies to the
+    change of the mean log-likelihood. The other options are EM's
+    (:class:`~elbolab.inference.fitting.MixtureFitter`); the start is EM's too (one
+    M-step on initial responsibilities), so both schemes can begin at the same point.
 
     ``fit`` returns an :class:`EMResult` whose ``log_likelihoods`` has one value per step
     and whose ``lower_bounds`` equal them (no guide, no gap).
     """
+
+    scheme = "direct maximisation"
 
     def __init__(
         self,
@@ -63,57 +61,29 @@ class DirectML:
         seed: int | None = None,
         warm_start: bool = False,
         progress: bool = True,
+        callback: Callable[[int, MixtureModel], None] | None = None,
     ) -> None:
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-        if not isinstance(init, dict) and init not in INIT_METHODS:
-            raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
-        self.model, self.optimizer, self.lr = model, optimizer, lr
-        self.tol, self.max_iter, self.n_init = tol, max_iter, n_init
-        self.init, self.reg_covar, self.seed = init, reg_covar, seed
-        self.warm_start, self.progress = warm_start, progress
-        # initialisation is shared with EM: one M-step from initial responsibilities
-        self._em = EM(model, ExactPosterior(model), init=init, reg_covar=reg_covar, progress=False)
-        self.result_: EMResult | None = None
+        super().__init__(
+            model,
+            ExactPosterior(model),
+            tol=tol,
+            max_iter=max_iter,
+            n_init=n_init,
+            init=init,
+            reg_covar=reg_covar,
+            seed=seed,
+            warm_start=warm_start,
+            progress=progress,
+            callback=callback,
+        )
+        self.optimizer, self.lr = optimizer, lr
 
-    def fit(self, x, sample_weight=None) -> EMResult:
-        """Maximise the log-likelihood of ``x`` (N, D); returns an :class:`EMResult`."""
-        start = time.perf_counter()
+    def _run(self, x, w, desc: str) -> EMResult:
+        """L-BFGS (or Adam) steps on log p(x; theta) from the current parameters."""
         model = self.model
-        warm = self.warm_start and model.is_built
-        x = model.validate_data(x, reset=not warm)
-        if x.shape[0] < model.n_components:
-            raise ValueError(
-                f"x has {x.shape[0]} samples but the model has {model.n_components} "
-                "components; pass more samples or use fewer components."
-            )
-        w = check_sample_weight(sample_weight, x.shape[0], x.dtype)
         total = float(x.shape[0] if w is None else w.sum())
-        rng = np.random.default_rng(self.seed)
-        closed = self._em.m_step != "gradient" and _has_closed_form(model)
-        n_init = 1 if warm or isinstance(self.init, dict) else self.n_init
-        best, best_state = None, None
-        for i in range(n_init):
-            if not warm:
-                self._em._initialize(x, w, rng, closed)
-            result = self._run(x, w, total, desc=f"direct {i + 1}/{n_init}")
-            if best is None or result.log_likelihood > best.log_likelihood:
-                best, best_state = result, copy.deepcopy(model.state_dict())
-                best.best_init = i
-        model.load_state_dict(best_state)
-        best.fit_time = time.perf_counter() - start
-        if not best.converged:
-            warnings.warn(
-                f"direct maximisation did not converge in max_iter={self.max_iter} steps; "
-                "raise max_iter or tol.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        self.result_ = best
-        return best
-
-    def _run(self, x, w, total: float, desc: str) -> EMResult:
-        model = self.model
         params = [p for p in model.parameters() if p.requires_grad]
         if self.optimizer == "lbfgs":
             opt = torch.optim.LBFGS(
@@ -133,6 +103,8 @@ class DirectML:
             loss.backward()
             return loss
 
+        if self.callback is not None:
+            self.callback(0, model)
         lls = [float(marginal_log_likelihood(model, x, w).detach()) / total]
         converged = False
         last_good = [p.detach().clone() for p in params]
@@ -152,6 +124,8 @@ class DirectML:
                     )
                 last_good = [p.detach().clone() for p in params]
             lls.append(ll)
+            if self.callback is not None:
+                self.callback(len(lls) - 1, model)
             bar.update(1)
             bar.set_postfix(loglik=f"{ll:.6g}", refresh=False)
             if abs(lls[-1] - lls[-2]) < self.tol:
@@ -159,9 +133,3 @@ class DirectML:
                 break
         bar.close()
         return EMResult(lls, lls[1:], converged, len(lls) - 1, "direct")
-
-
-def _has_closed_form(model) -> bool:
-    from .registry import lookup_m_step
-
-    return lookup_m_step(type(model)) is not None

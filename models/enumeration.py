@@ -9,13 +9,30 @@ log-probabilities of all sites are added by broadcasting into one table.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from pyro import poutine
 from pyro.infer import config_enumerate
 from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
+
+
+@contextmanager
+def _own_enum_dims():
+    """Leave Pyro's (single, global) enumeration-dim allocator as we found it.
+
+    A guide that enumerates its model while an ELBO is enumerating the guide itself would
+    otherwise push the outer program's enumeration dims to the left.
+    """
+    saved = {k: (v.copy() if isinstance(v, dict) else v) for k, v in vars(_ENUM_ALLOCATOR).items()}
+    try:
+        yield
+    finally:
+        vars(_ENUM_ALLOCATOR).clear()
+        vars(_ENUM_ALLOCATOR).update(saved)
 
 
 @dataclass
@@ -71,7 +88,7 @@ def enumerate_joint(model, *args, max_plate_nesting: int = 1, **kwargs) -> Enume
         config_enumerate(model, default="parallel"), first_available_dim=-(max_plate_nesting + 1)
     )
     # block(): the inner run must not leak sites into an outer trace (e.g. an ELBO's guide trace)
-    with poutine.block():
+    with _own_enum_dims(), poutine.block():
         trace = poutine.trace(enum_model).get_trace(*args, **kwargs)
     sites, cards, frames, scales, log_probs = [], [], [], [], []
     for name, site in trace.nodes.items():
