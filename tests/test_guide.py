@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from elbolab.guides import ExactPosterior
-
 from families import fitted_model, sample_data
 
 
@@ -63,11 +62,17 @@ def test_two_discrete_latent_sites_get_sequential_conditionals():
             pyro.sample("x", dist.Normal(locs[z2] + 0.5 * z1, 1.0), obs=x)
 
     x = torch.tensor([-2.1, 0.3, 2.9, 1.0], dtype=torch.float64)
-    joint = torch.stack([
-        torch.stack([p1[a].log() + p2[a, b].log()
-                     + dist.Normal(locs[b] + 0.5 * a, 1.0).log_prob(x) for b in range(3)])
-        for a in range(2)
-    ])  # (2, 3, N)
+    joint = torch.stack(
+        [
+            torch.stack(
+                [
+                    p1[a].log() + p2[a, b].log() + dist.Normal(locs[b] + 0.5 * a, 1.0).log_prob(x)
+                    for b in range(3)
+                ]
+            )
+            for a in range(2)
+        ]
+    )  # (2, 3, N)
     log_px = joint.logsumexp(0).logsumexp(0)
     guide = ExactPosterior(model)
     marginal_z1 = joint.logsumexp(1) - log_px  # (2, N)
