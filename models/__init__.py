@@ -6,6 +6,7 @@ from .categorical import CategoricalMixture
 from .enumeration import EnumeratedJoint, enumerate_joint
 from .gaussian import GaussianMixture, SingularCovarianceError
 from .poisson import PoissonMixture
+from .vae import VAE
 
 __all__ = [
     "BernoulliMixture",
@@ -16,6 +17,7 @@ __all__ = [
     "NotFittedError",
     "PoissonMixture",
     "SingularCovarianceError",
+    "VAE",
     "as_data_tensor",
     "enumerate_joint",
 ]

@@ -1,0 +1,225 @@
+"""The variational autoencoder's generative model p(z) p(x | z; theta) (DEC).
+
+    z ~ N(0, I_k),   mu_D = F_mu(z; theta),   x | z ~ p(x | mu_D)
+
+``F_mu`` is the ``decoder`` attribute, any ``nn.Module`` mapping (..., k) to (..., n).
+What it outputs depends on the likelihood:
+
+=================  ==================================  ===============================
+likelihood         p(x | z)                            decoder output
+=================  ==================================  ===============================
+``gaussian-unit``  N(mu_D, I): the lecture's DEC        the mean mu_D
+``gaussian``       N(mu_D, diag sigma^2), sigma learned the mean mu_D
+``bernoulli``      Bernoulli per pixel (binary data)   logits
+``binomial``       Binomial(count) per pixel           logits (e.g. 0..16 digits)
+=================  ==================================  ===============================
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import nn
+from torch.distributions import constraints
+
+from .base import as_data_tensor
+
+LIKELIHOODS = ("gaussian-unit", "gaussian", "bernoulli", "binomial")
+
+
+def mlp(
+    sizes: list[int] | tuple[int, ...], activation: type[nn.Module] = nn.Softplus
+) -> nn.Sequential:
+    """A multilayer perceptron with ``activation`` between layers and a linear last layer."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def check_positive_int(name: str, value, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}; {hint}")
+    return int(value)
+
+
+def check_hidden(hidden) -> tuple[int, ...]:
+    hidden = tuple(hidden)
+    for h in hidden:
+        check_positive_int("every hidden layer size", h, "e.g. hidden=(128,)")
+    return hidden
+
+
+def check_network(
+    net: nn.Module, in_dim: int, out_shapes: list[tuple[int, ...]], role: str, dtype: torch.dtype
+) -> None:
+    """Run ``net`` on a (2, in_dim) input and compare output shapes, at construction."""
+    probe = torch.zeros(2, in_dim, dtype=dtype)
+    try:
+        with torch.no_grad():
+            out = net(probe)
+    except Exception as error:  # a shape error deep inside the user's network
+        raise ValueError(
+            f"the {role} cannot take inputs of shape (batch, {in_dim}): {error}; "
+            f"its first layer must accept {in_dim} features"
+        ) from error
+    outs = out if isinstance(out, tuple) else (out,)
+    got = [tuple(o.shape) for o in outs]
+    if got != out_shapes:
+        raise ValueError(
+            f"the {role} maps (2, {in_dim}) to {got if len(got) > 1 else got[0]}, expected "
+            f"{out_shapes if len(out_shapes) > 1 else out_shapes[0]}; make its output match"
+        )
+
+
+class VAE(PyroModule):
+    """p(z) p(x | z; theta) with z ~ N(0, I) and a neural decoder (DEC).
+
+    Parameters
+    ----------
+    data_dim:
+        n, the number of observed features.
+    latent_dim:
+        k, the dimension of z.
+    hidden:
+        Hidden layer sizes of the default decoder MLP (k -> hidden -> n).
+    likelihood:
+        ``"gaussian-unit"`` (default, the lecture's N(mu_D, I)), ``"gaussian"``,
+        ``"bernoulli"`` or ``"binomial"``.
+    count:
+        Number of trials for ``"binomial"`` (16 for scikit-learn's digits).
+    decoder:
+        Any ``nn.Module`` mapping (..., k) to (..., n), replacing the default MLP.
+    """
+
+    latent_site = "z"
+    observed_site = "x"
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden: tuple[int, ...] = (128,),
+        likelihood: str = "gaussian-unit",
+        count: int | None = None,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dim = check_positive_int("data_dim", data_dim, "pass the number of features")
+        self.latent_dim = check_positive_int(
+            "latent_dim", latent_dim, "a latent space needs at least one dimension"
+        )
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        self.likelihood = likelihood
+        if likelihood == "binomial":
+            self.count = check_positive_int(
+                "count",
+                count,
+                "the binomial likelihood needs the number of trials, "
+                "e.g. count=16 for scikit-learn's digits",
+            )
+        else:
+            self.count = None
+        self.decoder = (
+            decoder if decoder is not None else mlp([latent_dim, *check_hidden(hidden), data_dim])
+        )
+        dtype = next(self.decoder.parameters(), torch.zeros(())).dtype
+        check_network(self.decoder, latent_dim, [(2, data_dim)], "decoder", dtype)
+        if likelihood == "gaussian":
+            self.scale = PyroParam(torch.ones(data_dim, dtype=dtype), constraints.positive)
+
+    # ------------------------------------------------------------------ the Pyro program
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The Pyro program: z ~ N(0, I) and x | z inside ``pyro.plate("data", N)``."""
+        return self._program(x.shape[0], x)
+
+    def _program(self, n: int, x: torch.Tensor | None):
+        dtype = self._dtype()
+        with pyro.plate("data", n, dim=-1):
+            prior = dist.Normal(
+                torch.zeros(self.latent_dim, dtype=dtype), torch.ones(self.latent_dim, dtype=dtype)
+            ).to_event(1)
+            z = pyro.sample(self.latent_site, prior)
+            return pyro.sample(self.observed_site, self.likelihood_dist(self.decoder(z)), obs=x)
+
+    def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
+        """p(x | z) given the decoder output (mean or logits), event shape (n,)."""
+        if self.likelihood == "gaussian-unit":
+            return dist.Normal(out, torch.ones_like(out)).to_event(1)
+        if self.likelihood == "gaussian":
+            return dist.Normal(out, self.scale).to_event(1)
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out).to_event(1)
+        return dist.Binomial(total_count=self.count, logits=out).to_event(1)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters(), torch.zeros(())).dtype
+
+    # ------------------------------------------------------------------ helpers
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | z): mu_D, or probabilities (times ``count``) for the discrete ones."""
+        out = self.decoder(z)
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(out)
+        if self.likelihood == "binomial":
+            return self.count * torch.sigmoid(out)
+        return out
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` samples by ancestral sampling; returns ``(x, z)``, shapes (n, n_x), (n, k)."""
+        check_positive_int("n", n, "the number of samples to draw")
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        trace = pyro.poutine.trace(self._program).get_trace(int(n), None)
+        return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+
+    def validate_data(self, x, *, name: str = "x") -> torch.Tensor:
+        """Check ``x`` (N, data_dim) and return it as a tensor of the model's dtype.
+
+        ``ValueError`` with the fix for: not 2-D, empty, wrong feature count, NaN/inf,
+        non-binary data (``"bernoulli"``), values outside 0..count (``"binomial"``).
+        """
+        t = as_data_tensor(x, self._dtype())
+        if t.dim() != 2:
+            raise ValueError(
+                f"{name} must be 2-D with shape (n_samples, {self.data_dim}), got shape "
+                f"{tuple(t.shape)}; flatten each sample into one row."
+            )
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample.")
+        if t.shape[1] != self.data_dim:
+            raise ValueError(
+                f"{name} has {t.shape[1]} features but the model has data_dim={self.data_dim}; "
+                f"pass data with {self.data_dim} columns or build the model with "
+                f"data_dim={t.shape[1]}."
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{name} contains NaN or inf; remove or impute those entries before training."
+            )
+        if self.likelihood == "bernoulli" and not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError(
+                "the bernoulli likelihood needs binary data (every entry 0 or 1); binarise "
+                "the data first, e.g. (x > 0.5), or use likelihood='binomial' or 'gaussian'."
+            )
+        if self.likelihood == "binomial" and not bool(
+            ((t >= 0) & (t <= self.count) & (t == t.round())).all()
+        ):
+            raise ValueError(
+                f"the binomial likelihood needs integer counts in 0..{self.count}; "
+                "round the data or create the model with a larger count."
+            )
+        return t
+
+    def extra_repr(self) -> str:
+        return (
+            f"data_dim={self.data_dim}, latent_dim={self.latent_dim}, "
+            f"likelihood={self.likelihood!r}"
+        )
