@@ -3,7 +3,9 @@
 - :func:`load_faithful` -- Old Faithful (272 x 2), bundled with its provenance
   (``data/PROVENANCE.md``);
 - :func:`load_iris`, :func:`load_digits` -- scikit-learn's bundled copies;
-- :func:`make_mixture` -- synthetic samples from a mixture with known parameters.
+- :func:`make_mixture` -- synthetic samples from a mixture with known parameters;
+- :func:`train_val_test_split`, :func:`load_digits_split` -- seeded train/validation/test splits;
+- :func:`load_mnist` -- MNIST from local IDX files (:func:`download_mnist` fetches them once).
 
 Every loader returns a :class:`Dataset` with ``data`` (N, D) as a float64 tensor.
 """
@@ -16,6 +18,9 @@ from importlib import resources
 
 import numpy as np
 import torch
+
+from .mnist import DownloadError, download_mnist, load_mnist, read_idx, write_idx
+from .splits import load_digits_split, train_val_test_split
 
 
 @dataclass
@@ -98,4 +103,18 @@ def make_mixture(model, n: int, seed: int = 0) -> Dataset:
     return Dataset(x.detach().clone(), z.detach().clone(), [], f"samples of {model!r}")
 
 
-__all__ = ["Dataset", "load", "load_digits", "load_faithful", "load_iris", "make_mixture"]
+__all__ = [
+    "Dataset",
+    "DownloadError",
+    "download_mnist",
+    "load",
+    "load_digits",
+    "load_digits_split",
+    "load_faithful",
+    "load_iris",
+    "load_mnist",
+    "make_mixture",
+    "read_idx",
+    "train_val_test_split",
+    "write_idx",
+]

@@ -1,0 +1,134 @@
+"""Seeded train / validation / test splits of a :class:`~elbolab.datasets.Dataset`.
+
+The rows are shuffled by a permutation drawn from a :class:`torch.Generator` seeded with
+``seed``, so a split is the same on every run and every machine for one seed, and the three
+parts are disjoint and together hold every row exactly once. No stratification.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # the package imports this module before it defines Dataset
+    from . import Dataset
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def split_sizes(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> tuple[int, int, int]:
+    """The number of rows in each of the three splits of ``n`` rows.
+
+    Each split gets ``floor(fraction * n)`` rows and the rows left over go, one each, to the
+    splits with the largest remainders (ties to the earlier split), so the sizes sum to ``n``.
+    Raises :class:`ValueError` when ``fractions`` is not three positive numbers summing to 1,
+    or when a split would be empty for this ``n``.
+    """
+    fracs = _check_fractions(fractions)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    raw = [f * n for f in fracs]
+    sizes = [math.floor(r) for r in raw]
+    left = n - sum(sizes)
+    by_remainder = sorted(range(3), key=lambda i: (-(raw[i] - sizes[i]), i))
+    for i in by_remainder[:left]:
+        sizes[i] += 1
+    empty = [name for name, size in zip(SPLIT_NAMES, sizes, strict=True) if size == 0]
+    if empty:
+        raise ValueError(
+            f"fractions {tuple(fracs)} leave the {' and '.join(empty)} split empty for "
+            f"{n} rows (sizes {tuple(sizes)}); use larger fractions for the small splits "
+            f"or a data set with more rows (each split needs at least one row)"
+        )
+    return sizes[0], sizes[1], sizes[2]
+
+
+def train_val_test_split(
+    dataset: Dataset, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[Dataset, Dataset, Dataset]:
+    """Split ``dataset`` at random into train, validation and test parts.
+
+    ``dataset.data`` is (N, D) and ``dataset.target``, when present, (N,). Returns three
+    :class:`Dataset` with ``data`` (N_train, D), (N_val, D), (N_test, D) (targets split
+    alongside, feature names kept), where the sizes come from :func:`split_sizes`
+    (``fractions`` is (train, validation, test), positive, summing to 1). The rows of each
+    part are in the shuffled order of a permutation fixed by ``seed`` (a
+    :class:`torch.Generator`); the parts are disjoint and cover all N rows.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    data = dataset.data
+    if data.dim() != 2:
+        raise ValueError(
+            f"dataset.data must be (N, D), got shape {tuple(data.shape)}; reshape it first"
+        )
+    n = data.shape[0]
+    target = dataset.target
+    if target is not None and (target.dim() < 1 or target.shape[0] != n):
+        raise ValueError(
+            f"dataset.target has shape {tuple(target.shape)} but data has {n} rows; "
+            f"target must be (N,) with one entry per row"
+        )
+    sizes = split_sizes(n, fractions)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = torch.split(perm, list(sizes))
+    return tuple(  # type: ignore[return-value]
+        replace(
+            dataset,
+            data=data[idx],
+            target=None if target is None else target[idx],
+            feature_names=list(dataset.feature_names),
+            description=_describe(dataset.description, name, seed),
+        )
+        for name, idx in zip(SPLIT_NAMES, parts, strict=True)
+    )
+
+
+def load_digits_split(
+    seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1), binarize: bool = False
+) -> tuple[Dataset, Dataset, Dataset]:
+    """scikit-learn's 8x8 digits (1797 x 64, values 0..16) split into train, validation, test.
+
+    Returns three :class:`Dataset` with ``data`` (N_split, 64) float64 and integer ``target``
+    (N_split,); ``binarize=True`` thresholds at 8 as :func:`~elbolab.datasets.load_digits`
+    does. With the default fractions the sizes are 1437, 180 and 180.
+    """
+    from . import load_digits
+
+    return train_val_test_split(load_digits(binarize=binarize), fractions=fractions, seed=seed)
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        fracs = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"fractions must be three numbers (train, validation, test), got {fractions!r}"
+        ) from None
+    if len(fracs) != 3:
+        raise ValueError(
+            f"fractions must be three numbers (train, validation, test), got {len(fracs)}: "
+            f"{fractions!r}"
+        )
+    if not all(math.isfinite(f) and f > 0 for f in fracs):
+        raise ValueError(
+            f"fractions must all be positive, got {fracs}; every split needs a share of the rows"
+        )
+    if not math.isclose(sum(fracs), 1.0, rel_tol=0.0, abs_tol=1e-9):
+        raise ValueError(
+            f"fractions must sum to 1, got {fracs} (sum {sum(fracs):g}); "
+            f"for example (0.8, 0.1, 0.1)"
+        )
+    return fracs  # type: ignore[return-value]
+
+
+def _describe(description: str, name: str, seed: int) -> str:
+    tag = f"{name} split, seed {seed}"
+    return f"{description} ({tag})" if description else tag
+
+
+__all__ = ["load_digits_split", "split_sizes", "train_val_test_split"]
