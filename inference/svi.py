@@ -147,9 +147,9 @@ class SVITrainer:
         self.progress, self.latent_site = progress, latent_site
         self.optimizer = optimizer(list(self.elbo.parameters()), lr=lr)
         self.history = TrainResult()  # everything so far, across fit calls and resumes
-        self._generator = torch.Generator()
-        if seed is not None:
-            self._generator.manual_seed(seed)
+        self._generator = torch.Generator()  # batch order; reseeded every epoch
+        if seed is None:
+            self._generator.seed()  # a fresh order, not torch's fixed default seed
 
     # ------------------------------------------------------------------ data
     def _validate(self, x):
@@ -214,8 +214,6 @@ class SVITrainer:
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         started = time.perf_counter()
-        if self.seed is not None:
-            pyro.set_rng_seed(self.seed + len(self.history.train_bounds))
         train = _as_batches_source(x_train, self._validate)
         if isinstance(train, torch.Tensor) and train.shape[0] == 0:
             raise ValueError("x_train is empty; pass at least one sample.")
@@ -235,6 +233,10 @@ class SVITrainer:
             leave=False,
         )
         for epoch in bar:
+            if self.seed is not None:
+                # every draw depends on (seed, epoch) only: a resumed run repeats exactly
+                pyro.set_rng_seed(self.seed * 100_003 + epoch)
+                self._generator.manual_seed(self.seed * 100_003 + epoch)
             beta = self.beta(epoch)
             total, count = 0.0, 0
             try:
@@ -261,6 +263,7 @@ class SVITrainer:
             if val is not None:
                 self.history.val_bounds.append(result.val_bounds[-1])
             result.epochs += 1
+            self.history.epochs += 1
             last_good = self._state()
             if self.checkpoint is not None:
                 self.save(self.checkpoint)
@@ -273,7 +276,6 @@ class SVITrainer:
                 self._load_state(best_state)
                 break
         bar.close()
-        self.history.epochs += result.epochs
         self.history.best_epoch = result.best_epoch or self.history.best_epoch
         result.fit_time = time.perf_counter() - started
         return result
