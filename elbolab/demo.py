@@ -1,4 +1,4 @@
-"""The main job: a Gaussian mixture on Old Faithful, fitted three ways and checked.
+"""The main job: a Gaussian mixture on Old Faithful fitted three ways, then a VAE on digits.
 
 Run it as ``elbolab demo`` (or ``make demo``). It fits a two-component, full-covariance
 Gaussian mixture to the standardised Old Faithful data, from a start like PRML Figure 9.8
@@ -9,7 +9,7 @@ with
 - direct maximisation of log p(x) with z summed out (no guide),
 
 and with scikit-learn's ``GaussianMixture`` from the same start; prints a table and writes
-figures into the output folder.
+figures into the output folder. Then it trains the VAE of :mod:`elbolab.demo_vae`.
 """
 
 from __future__ import annotations
@@ -260,6 +260,9 @@ def run(out_dir: str | Path = "out/demo", fast: bool = False) -> dict:
     print(f"\nFigures written to {out.resolve()}:")
     for name in ("em_iterations.png", "em_loglik_bound.png"):
         print(f"  {out / name}")
+    from .demo_vae import run as run_vae
+
+    fits["vae"] = run_vae(out, fast=fast)
     return fits
 
 

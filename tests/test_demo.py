@@ -25,6 +25,12 @@ def test_demo_fits_agree_and_write_figures(tmp_path, capsys):
     for png in ("em_iterations.png", "em_loglik_bound.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(fits["snapshots"]) == {0, 1, 2, 5, "final"} | ({20} & set(fits["snapshots"]))
+    vae = fits["vae"]
+    assert len(vae["result"].train_bounds) == 3
+    assert vae["test_iwae"] >= vae["test_elbo"] - 1.0  # K = 500 vs the ELBO (MC noise < 1 nat)
+    for png in ("vae_bound.png", "vae_latent.png", "vae_reconstructions.png", "vae_samples.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "VAE on digits" in printed
 
 
 def test_console_command_help():
