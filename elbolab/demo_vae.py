@@ -94,8 +94,8 @@ def plot(fit: dict, out: Path) -> list[Path]:
     rec = reconstruct(model, guide, x)
     fig, axes = plt.subplots(2, 10, figsize=(10, 2.3))
     for i in range(10):
-        axes[0, i].imshow(x[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=16)
-        axes[1, i].imshow(rec[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=16)
+        axes[0, i].imshow(x[i].reshape(8, 8).numpy(), cmap="gray_r", vmin=0, vmax=16)
+        axes[1, i].imshow(rec[i].reshape(8, 8).numpy(), cmap="gray_r", vmin=0, vmax=16)
         axes[0, i].axis("off")
         axes[1, i].axis("off")
     fig.suptitle("test digits (top) and reconstructions E[x | z = mu_E(x)] (bottom)")
@@ -108,7 +108,7 @@ def plot(fit: dict, out: Path) -> list[Path]:
         means = model.decode(z)
     fig, axes = plt.subplots(2, 10, figsize=(10, 2.3))
     for i, ax in enumerate(axes.flat):
-        ax.imshow(means[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=16)
+        ax.imshow(means[i].reshape(8, 8).numpy(), cmap="gray_r", vmin=0, vmax=16)
         ax.axis("off")
     fig.suptitle("samples: E[x | z] for z ~ N(0, I)")
     paths.append(out / "vae_samples.png")
