@@ -84,10 +84,11 @@ class AmortizedNormal(PyroModule):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu_E, sigma_E), each (N, k)."""
+        encoder = self._modules["encoder"]  # see VAE._program: no per-weight param messages
         if self.scale == "unit":
-            loc = self.encoder(x)
+            loc = encoder(x)
             return loc, torch.ones_like(loc)
-        return self.encoder(x)
+        return encoder(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Sample z ~ q(z | x) inside ``pyro.plate("data", N)`` (same signature as the model)."""

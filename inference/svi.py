@@ -225,6 +225,7 @@ class SVITrainer:
         best_val = max(self.history.val_bounds, default=-float("inf"))
         best_state, since_best = self._state(), 0
         last_good = self._state()
+        first_step = True
         bar = tqdm(
             range(done + 1, done + epochs + 1),
             desc="SVI",
@@ -241,7 +242,13 @@ class SVITrainer:
             total, count = 0.0, 0
             try:
                 for batch in self._batches(train):
-                    total += self.step(batch, beta) * batch.shape[0]
+                    # Pyro's validation checks the first step of each fit; later steps skip
+                    # it (the data were checked by validate_data, the loss is checked here)
+                    with pyro.validation_enabled(
+                        first_step and pyro.infer.util.is_validation_enabled()
+                    ):
+                        total += self.step(batch, beta) * batch.shape[0]
+                    first_step = False
                     count += batch.shape[0]
             except TrainingDiverged:
                 self._load_state(last_good)

@@ -140,13 +140,16 @@ class VAE(PyroModule):
         return self._program(x.shape[0], x)
 
     def _program(self, n: int, x: torch.Tensor | None):
-        dtype = self._dtype()
+        # The network is read from _modules: PyroModule's attribute hook would send a param
+        # message per weight on every call, and nothing here needs those sites.
+        decoder = self._modules["decoder"]
+        dtype = x.dtype if x is not None else self._dtype()
         with pyro.plate("data", n, dim=-1):
             prior = dist.Normal(
                 torch.zeros(self.latent_dim, dtype=dtype), torch.ones(self.latent_dim, dtype=dtype)
             ).to_event(1)
             z = pyro.sample(self.latent_site, prior)
-            return pyro.sample(self.observed_site, self.likelihood_dist(self.decoder(z)), obs=x)
+            return pyro.sample(self.observed_site, self.likelihood_dist(decoder(z)), obs=x)
 
     def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
         """p(x | z) given the decoder output (mean or logits), event shape (n,)."""
@@ -159,7 +162,7 @@ class VAE(PyroModule):
         return dist.Binomial(total_count=self.count, logits=out).to_event(1)
 
     def _dtype(self) -> torch.dtype:
-        return next(self.decoder.parameters(), torch.zeros(())).dtype
+        return next(self._modules["decoder"].parameters(), torch.zeros(())).dtype
 
     # ------------------------------------------------------------------ helpers
     def decode(self, z: torch.Tensor) -> torch.Tensor:
