@@ -18,6 +18,7 @@ import math
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 
@@ -34,9 +35,9 @@ def _log_weights(
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     out = torch.zeros(num_samples, x.shape[0], dtype=x.dtype)
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or (analytic_kl and name == latent_site):
+        if site["type"] != "sample" or site_is_subsample(site):
             continue
-        if name == "particles" or name == "data":
+        if analytic_kl and name == latent_site:
             continue
         out = out + site["fn"].log_prob(site["value"])
     if analytic_kl:
