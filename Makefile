@@ -32,6 +32,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_em.py
+	$(BIN)/python bench/bench_vae.py
 
 notebooks: $(STAMP)
 	mkdir -p $(OUT)/notebooks

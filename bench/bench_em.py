@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import platform
 import resource
 import time
@@ -61,6 +60,7 @@ import warnings
 
 import numpy as np
 import torch
+from machine import cpu_model, n_cores
 
 N_COMPONENTS = 8
 DIMS = (2, 25)
@@ -68,24 +68,6 @@ TOL, MAX_ITER, FIXED_ITERS, REG_COVAR = 1e-3, 100, 20, 1e-6
 
 
 # ----------------------------------------------------------------------------- helpers
-def n_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_ticks() -> tuple[int, int] | None:
     """(steal, total) jiffies of all CPUs from /proc/stat, or None off Linux."""
     try:

@@ -98,6 +98,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, n_cores
 
 SEED = 0
 LR = 1e-3
@@ -106,24 +107,6 @@ MODES = ("trainer", "no-valid", "jit-pyro", "jit-local")
 
 
 # ----------------------------------------------------------------------------- machine
-def n_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_ticks() -> tuple[int, int, int] | None:
     """(busy, steal, total) jiffies of all CPUs from /proc/stat, or None off Linux."""
     try:
