@@ -6,6 +6,7 @@ Exact paths in float64: 1e-10. N is above the block size so several blocks are s
 from __future__ import annotations
 
 import pyro.distributions as dist
+import pytest
 import torch
 
 from elbolab.inference.closed_form import _centred_scatter
@@ -58,3 +59,19 @@ def test_blocked_scatter_equals_the_centred_sum():
     assert torch.allclose(_centred_scatter(x, resp, loc, full=True), full, rtol=1e-10)
     diag = torch.diagonal(full, dim1=-2, dim2=-1)
     assert torch.allclose(_centred_scatter(x, resp, loc, full=False), diag, rtol=1e-10)
+
+
+def test_singular_floor_follows_the_data_tensor():
+    """The cached floor belongs to one tensor: another tensor (even one reusing a freed
+    address) or an in-place change gets its own."""
+    from elbolab.models.gaussian import singular_floor
+
+    eps = torch.finfo(torch.float64).eps
+    a = torch.tensor([[0.0, 0.0], [2.0, 4.0]], dtype=torch.float64)  # variances 1, 4
+    assert singular_floor(a) == eps * 4.0
+    for scale in (10.0, 100.0):
+        b = a * scale  # a new tensor each time; CPython may reuse the old one's address
+        assert singular_floor(b) == pytest.approx(eps * 4.0 * scale**2)
+        del b
+    a.mul_(3.0)  # in place: the version changes
+    assert singular_floor(a) == pytest.approx(eps * 36.0)
