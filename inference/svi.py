@@ -223,8 +223,8 @@ class SVITrainer:
         result = TrainResult()
         done = len(self.history.train_bounds)
         best_val = max(self.history.val_bounds, default=-float("inf"))
-        best_state, since_best = self._state(), 0
         last_good = self._state()
+        best_state, since_best = last_good, 0
         first_step = True
         bar = tqdm(
             range(done + 1, done + epochs + 1),
@@ -259,10 +259,11 @@ class SVITrainer:
                     "use a KL warm-up, or check the data scale."
                 ) from None
             result.train_bounds.append(total / count)
+            last_good = self._state()  # one snapshot per epoch, shared with best_state
             if val is not None:
                 result.val_bounds.append(self.evaluate(val))
                 if result.val_bounds[-1] > best_val:
-                    best_val, best_state, since_best = result.val_bounds[-1], self._state(), 0
+                    best_val, best_state, since_best = result.val_bounds[-1], last_good, 0
                     result.best_epoch = epoch
                 else:
                     since_best += 1
@@ -271,7 +272,6 @@ class SVITrainer:
                 self.history.val_bounds.append(result.val_bounds[-1])
             result.epochs += 1
             self.history.epochs += 1
-            last_good = self._state()
             if self.checkpoint is not None:
                 self.save(self.checkpoint)
             post = {"bound": f"{result.train_bounds[-1]:.4g}"}
