@@ -121,6 +121,8 @@ class MixtureFitter:
 
     #: name used in messages
     scheme = "fitting"
+    #: L-BFGS iterations of a gradient M-step (starts of families with no closed form)
+    gradient_max_iter = 20
 
     def __init__(
         self,
@@ -152,7 +154,6 @@ class MixtureFitter:
         self.tol, self.max_iter, self.n_init = float(tol), max_iter, n_init
         self.init, self.reg_covar, self.seed = init, float(reg_covar), seed
         self.warm_start, self.progress, self.callback = warm_start, progress, callback
-        self.gradient_max_iter = 20
         self.result_: EMResult | None = None
 
     # ------------------------------------------------------------------ to override

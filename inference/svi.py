@@ -18,6 +18,7 @@ import copy
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,7 +187,7 @@ class SVITrainer:
 
     def step(self, batch: torch.Tensor, beta: float = 1.0) -> float:
         """One SGD step on a batch; returns the mean per-datapoint (warmed-up) bound."""
-        with ScaleSite(self.latent_site, beta) if beta != 1.0 else _nothing():
+        with ScaleSite(self.latent_site, beta) if beta != 1.0 else nullcontext():
             loss = self.elbo(batch) / batch.shape[0]
         if not bool(torch.isfinite(loss)):
             raise TrainingDiverged("non-finite loss")
@@ -328,11 +329,3 @@ class SVITrainer:
             list(state["train_bounds"]), list(state["val_bounds"]), int(state["epochs"])
         )
         return self
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
