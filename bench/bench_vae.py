@@ -87,7 +87,7 @@ hand loop faster.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import math
 import os
 import platform
@@ -103,7 +103,7 @@ from machine import cpu_model, n_cores
 SEED = 0
 LR = 1e-3
 WARM_UP_CALLS = 3  # per batch shape, for the JIT rows
-MODES = ("trainer", "no-valid", "jit-pyro", "jit-local")
+MODES = ("trainer", "eager", "no-valid", "jit-pyro")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -263,60 +263,16 @@ class HandLoop:
         self.bounds.append(total / x.shape[0])
         return time.perf_counter() - t0
 
+    def run(self, x: torch.Tensor, epochs: int) -> list[float]:
+        return [self.epoch(x) for _ in range(epochs)]
+
     def parameters(self):
         return [*self.decoder.parameters(), *self.encoder.parameters()]
 
 
-# ----------------------------------------------------------------------------- JIT loss
-class TracedMeanFieldELBO:
-    """``loss(model, guide)`` -> a module computing TraceMeanField's -ELBO, jit-traced per shape.
-
-    A module-local stand-in for ``JitTraceMeanField_ELBO``: ``torch.jit.trace`` of an
-    ``nn.Module`` keeps the parameters as module attributes (shared with the networks), so
-    Pyro's global param store is never used. Trace once per (batch shape, dtype, grad
-    mode); Pyro validation is off while tracing. Not supported: anything that changes
-    the program between calls without changing the shape (e.g. KL warm-up's beta).
-    """
-
-    def __call__(self, model, guide) -> torch.nn.Module:
-        return _TracedELBOModule(model, guide)
-
-
-class _Surrogate(torch.nn.Module):
-    def __init__(self, model, guide) -> None:
-        import pyro
-
-        super().__init__()
-        self.model, self.guide = model, guide
-        self.elbo = pyro.infer.TraceMeanField_ELBO()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        model_trace, guide_trace = self.elbo._get_trace(self.model, self.guide, (x,), {})
-        return self.elbo._differentiable_loss_particle(model_trace, guide_trace)[1]
-
-
-class _TracedELBOModule(torch.nn.Module):
-    def __init__(self, model, guide) -> None:
-        super().__init__()
-        self.model, self.guide = model, guide
-        self.surrogate = _Surrogate(model, guide)
-        self.traced: dict = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import pyro
-
-        key = (tuple(x.shape), x.dtype, torch.is_grad_enabled())
-        fn = self.traced.get(key)
-        if fn is None:
-            with pyro.validation_enabled(False), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TracerWarnings from Pyro's Python checks
-                fn = self.traced[key] = torch.jit.trace(self.surrogate, (x,), check_trace=False)
-        return fn(x)
-
-
 # ----------------------------------------------------------------------------- contenders
 class TrainerContender:
-    """SVITrainer with a given loss; ``mode`` picks the Pyro settings it runs under."""
+    """SVITrainer with a given loss; ``mode`` picks the settings it runs under."""
 
     def __init__(self, model, guide, w: Workload, mode: str) -> None:
         import pyro
@@ -324,16 +280,19 @@ class TrainerContender:
         from elbolab.inference import SVITrainer
 
         self.mode, self.compile_time = mode, 0.0
-        loss = {
-            "trainer": pyro.infer.TraceMeanField_ELBO,
-            "no-valid": pyro.infer.TraceMeanField_ELBO,
-            "jit-pyro": jit_pyro_elbo,
-            "jit-local": TracedMeanFieldELBO,
-        }[mode]()
+        loss = jit_pyro_elbo() if mode == "jit-pyro" else pyro.infer.TraceMeanField_ELBO()
         self.trainer = SVITrainer(
-            model, guide, loss=loss, lr=LR, batch_size=w.batch, seed=SEED, progress=False
+            model,
+            guide,
+            loss=loss,
+            lr=LR,
+            batch_size=w.batch,
+            seed=SEED,
+            progress=False,
+            compile=mode == "trainer",
         )
         self.model, self.guide = model, guide
+        self.fit_overheads: list[float] = []
 
     def _context(self):
         import pyro
@@ -342,16 +301,15 @@ class TrainerContender:
             return pyro.validation_enabled(False)
         if self.mode == "jit-pyro":
             return pyro.settings.context(module_local_params=False)
-        return _Nothing()
+        return contextlib.nullcontext()
 
     def warm_up(self, x: torch.Tensor) -> None:
-        """JIT rows: compile on each batch shape of an epoch (no optimiser step)."""
-        if self.mode not in ("jit-pyro", "jit-local"):
+        """jit-pyro: compile on each batch shape of an epoch (no optimiser step)."""
+        if self.mode != "jit-pyro":
             return
         import pyro
 
-        if self.mode == "jit-pyro":
-            pyro.clear_param_store()
+        pyro.clear_param_store()
         bs, n = self.trainer.batch_size, x.shape[0]
         shapes = {min(bs, n)} | ({n % bs} if n % bs else set())
         t0 = time.perf_counter()
@@ -364,11 +322,12 @@ class TrainerContender:
         self.trainer.optimizer.zero_grad()  # gradients only; no optimiser step was taken
         self.compile_time = time.perf_counter() - t0
 
-    def epoch(self, x: torch.Tensor) -> float:
-        t0 = time.perf_counter()
+    def run(self, x: torch.Tensor, epochs: int) -> list[float]:
+        """One ``fit(x, epochs=epochs)``; seconds per epoch as the trainer records them."""
         with self._context():
-            self.trainer.fit(x, epochs=1)
-        return time.perf_counter() - t0
+            result = self.trainer.fit(x, epochs=epochs)
+        self.fit_overheads.append(result.fit_time - sum(result.epoch_times))
+        return result.epoch_times
 
     @property
     def bounds(self) -> list[float]:
@@ -376,14 +335,6 @@ class TrainerContender:
 
     def parameters(self):
         return [*self.model.decoder.parameters(), *self.guide.encoder.parameters()]
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def jit_pyro_elbo():
@@ -458,39 +409,9 @@ def jit_pyro_module_local_error(w: Workload, x: torch.Tensor) -> str | None:
     return None
 
 
-def per_fit_overhead(contender, x: torch.Tensor) -> float:
-    """Seconds each ``fit`` call spends before its first step, whatever the epoch count.
-
-    ``model.validate_data(x)`` on the whole training set and the two state snapshots
-    (deep copies of model, guide and optimiser state) ``fit`` takes at its start; the
-    snapshot ``fit`` takes after every epoch is *not* counted (it is per epoch).
-    """
-    if contender is None:
-        return 0.0
-    trainer = contender.trainer
-
-    def snapshot():
-        return copy.deepcopy(
-            {
-                "model": trainer.model.state_dict(),
-                "guide": trainer.guide.state_dict(),
-                "optimizer": trainer.optimizer.state_dict(),
-            }
-        )
-
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        trainer.model.validate_data(x)
-        snapshot()
-        snapshot()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 # ----------------------------------------------------------------------------- one workload
-def run_workload(w: Workload, x: torch.Tensor, modes: list[str], repeats: int) -> dict:
-    """Round-robin epochs of every contender; best epoch, parity with the hand loop."""
+def run_workload(w: Workload, x: torch.Tensor, modes: list[str], rounds: int, epochs: int) -> dict:
+    """``rounds`` x one fit of ``epochs`` epochs per contender, round-robin; best epoch."""
     base_model, base_guide = fresh(w, x.shape[1])
     ref = {k: v.clone() for k, v in base_model.state_dict().items()}
     ref |= {"g." + k: v.clone() for k, v in base_guide.state_dict().items()}
@@ -504,16 +425,15 @@ def run_workload(w: Workload, x: torch.Tensor, modes: list[str], repeats: int) -
         else:
             contenders[mode] = TrainerContender(model, guide, w, mode)
             contenders[mode].warm_up(x)
-    fixed = per_fit_overhead(contenders.get("trainer"), x)
     times: dict[str, list[float]] = {m: [] for m in contenders}
     cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
-    for _ in range(repeats):
+    for _ in range(rounds):
         for mode, c in contenders.items():
             c0 = own_cpu()
-            times[mode].append(c.epoch(x))
+            times[mode].extend(c.run(x, epochs))
             cpu[mode] += own_cpu() - c0
     hand = contenders["hand"]
-    out = {"steps": math.ceil(x.shape[0] / w.batch), "rows": {}, "fixed": fixed}
+    out = {"steps": math.ceil(x.shape[0] / w.batch), "rows": {}}
     for mode, c in contenders.items():
         bound_diff = max(abs(a - b) for a, b in zip(c.bounds, hand.bounds, strict=True))
         with torch.no_grad():
@@ -521,14 +441,17 @@ def run_workload(w: Workload, x: torch.Tensor, modes: list[str], repeats: int) -
                 float((p - q).abs().max())
                 for p, q in zip(c.parameters(), hand.parameters(), strict=True)
             )
+        overheads = getattr(c, "fit_overheads", [])
         out["rows"][mode] = {
             "best": min(times[mode]),
+            "first": times[mode][0],
             "times": times[mode],
             "cpu_per_wall": cpu[mode] / sum(times[mode]),
             "bound": c.bounds[-1],
             "bound_diff": bound_diff,
             "param_diff": param_diff,
             "compile": getattr(c, "compile_time", 0.0),
+            "fit_overhead": sum(overheads) / len(overheads) if overheads else 0.0,
         }
     import pyro
 
@@ -539,8 +462,9 @@ def run_workload(w: Workload, x: torch.Tensor, modes: list[str], repeats: int) -
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="synthetic N = 2,000, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="epochs per contender (3)")
+    parser.add_argument("--quick", action="store_true", help="synthetic N = 2,000, 1 round")
+    parser.add_argument("--rounds", type=int, default=None, help="fits per contender (2)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (3)")
     parser.add_argument("--n-synth", type=int, default=None, help="synthetic N (10,000)")
     parser.add_argument(
         "--threads",
@@ -553,7 +477,7 @@ def main() -> None:
         help=f"comma-separated trainer rows out of {','.join(MODES)} (hand always runs)",
     )
     args = parser.parse_args()
-    repeats = args.repeats or (2 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 2)
     n_synth = args.n_synth or (2_000 if args.quick else 10_000)
     modes = [m for m in args.modes.split(",") if m]
     if unknown := set(modes) - set(MODES):
@@ -573,7 +497,7 @@ def main() -> None:
     busy_before = other_load()
     print(
         "elbolab VAE epoch benchmark: SVITrainer (Pyro TraceMeanField_ELBO) vs a hand-written "
-        f"torch loop; best of {repeats} epochs; torch threads {threads}"
+        f"torch loop; best of {rounds} x {args.epochs} epochs; torch threads {threads}"
     )
     if busy_before is not None and busy_before > 0.3:
         print(
@@ -593,7 +517,7 @@ def main() -> None:
                 jit_error = jit_pyro_module_local_error(w, x) or "none (it ran)"
                 shipped = jit_pyro_as_shipped(w, x)
             t0 = time.perf_counter()
-            r = run_workload(w, x, modes, repeats)
+            r = run_workload(w, x, modes, rounds, args.epochs)
             results.append((n_threads, w, x.shape, r))
             line = ", ".join(f"{m} {v['best'] * 1e3:.0f}" for m, v in r["rows"].items())
             print(
@@ -638,11 +562,11 @@ def main() -> None:
     )
     print(
         "dtheta = max |param - hand's| after all epochs (same arithmetic: ~0 or float32 "
-        "rounding); w/o fit = the ratio without"
+        "rounding); 1st = the first epoch of the first fit"
     )
     print(
-        "fit()'s once-per-call cost (validate_data on all of x + 2 state snapshots), i.e. of "
-        "an epoch inside fit(epochs=many)"
+        "(the trainer records its graphs there); per fit = what each fit() call spends outside "
+        "its epochs (validate_data, state snapshots)"
     )
     print(
         f"{'thr':>3} {'workload':<23} {'B':>4} {'steps':>5} {'row':<9} {'epoch ms':>9} "
@@ -655,9 +579,9 @@ def main() -> None:
         hand = r["rows"]["hand"]["best"]
         for mode, v in r["rows"].items():
             target = "<=1.15" if mode == "trainer" else ""
-            note = f"cpu/wall {v['cpu_per_wall']:.2f}"
-            if mode != "hand" and r["fixed"]:
-                note += f"; w/o fit {(v['best'] - r['fixed']) / hand:.2f}"
+            note = f"cpu/wall {v['cpu_per_wall']:.2f}; 1st {v['first'] * 1e3:.0f} ms"
+            if mode != "hand":
+                note += f"; per fit {v['fit_overhead'] * 1e3:.1f} ms"
             if v["compile"]:
                 note += f"; warm-up {v['compile']:.2f} s"
             parity_ok &= v["param_diff"] < 1e-3
@@ -667,10 +591,7 @@ def main() -> None:
                 f"{v['best'] / hand:6.2f} {target:>6} {v['bound']:9.2f} {v['bound_diff']:7.0e} "
                 f"{v['param_diff']:7.0e}  {note}"
             )
-        print(
-            f"{'':>3} {'':<23} data {tuple(shape)}, hidden {w.hidden}, latent {w.latent}; "
-            f"per-fit cost {r['fixed'] * 1e3:.1f} ms"
-        )
+        print(f"{'':>3} {'':<23} data {tuple(shape)}, hidden {w.hidden}, latent {w.latent}")
     print("=" * width)
     if not parity_ok:
         print(

@@ -3,6 +3,7 @@
 from sklearn.exceptions import ConvergenceWarning
 
 from . import closed_form  # noqa: F401  (registers the closed-form M-steps)
+from .compiled import CompiledELBO, TracingFailed, is_compilable
 from .direct import DirectML, marginal_log_likelihood
 from .em import EM
 from .evaluate import elbo_per_datapoint, iwae_log_likelihood, latent_means, reconstruct
@@ -13,12 +14,14 @@ from .svi import SVITrainer, TrainingDiverged, TrainResult
 
 __all__ = [
     "EM",
+    "CompiledELBO",
     "ConvergenceWarning",
     "DirectML",
     "EMResult",
     "SVITrainer",
     "TrainResult",
     "TrainingDiverged",
+    "TracingFailed",
     "elbo_per_datapoint",
     "iwae_log_likelihood",
     "latent_means",
@@ -26,6 +29,7 @@ __all__ = [
     "MixtureFitter",
     "elbo_loss",
     "gradient_m_step",
+    "is_compilable",
     "lookup_m_step",
     "marginal_log_likelihood",
     "register_m_step",
