@@ -28,6 +28,7 @@ handlers (e.g. a KL warm-up's site scale).
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import pyro
@@ -37,7 +38,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
-from .graph_passes import simplify
+from .graph_passes import lift_attributes, simplify
 
 # ELBOs whose loss is sum over particles of ``_differentiable_loss_particle``
 COMPILABLE = (pyro.infer.Trace_ELBO, pyro.infer.TraceMeanField_ELBO)
@@ -108,7 +109,9 @@ class CompiledELBO(torch.nn.Module):
     Attributes
     ----------
     graphs:
-        The recorded ``torch.fx.GraphModule`` per cache key (``None``: runs eagerly).
+        The recorded ``torch.fx.GraphModule`` per cache key (``None``: runs eagerly); its
+        inputs are the tensors it reads (parameters, folded constants), then the
+        arguments.
     fallbacks:
         Why a key runs eagerly: the tracing error, by key.
     """
@@ -123,6 +126,7 @@ class CompiledELBO(torch.nn.Module):
         super().__init__()
         self.elbo, self.model, self.guide, self.strict = elbo, model, guide, strict
         self.graphs: dict[tuple, GraphModule | None] = {}
+        self._replays: dict[tuple, functools.partial] = {}  # forward with its tensors bound
         self.fallbacks: dict[tuple, str] = {}
 
     # ------------------------------------------------------------------ calls
@@ -134,12 +138,18 @@ class CompiledELBO(torch.nn.Module):
         if not self._may_compile(args):
             return self.eager(*args)
         key = self._key(args)
+        replay = self._replays.get(key)
+        if replay is not None:
+            return replay(*args)
         if key not in self.graphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 return self.eager(*args)
-            self.graphs[key] = self._trace(key, args)
-        graph = self.graphs[key]
-        return self.eager(*args) if graph is None else graph(*args)
+            graph = self.graphs[key] = self._trace(key, args)
+            if graph is not None:
+                tensors = lift_attributes(graph)  # recompiles: take forward after it
+                replay = self._replays[key] = functools.partial(graph.forward, *tensors)
+                return replay(*args)
+        return self.eager(*args)
 
     def _may_compile(self, args) -> bool:
         return (

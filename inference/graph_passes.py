@@ -13,6 +13,10 @@ pass) costs about as much as a matrix product, so they are removed:
 ``drop_identities``
     replaces ``a + 0``, ``a - 0``, ``a * 1``, ``a / 1``, ``a ** 1`` and same-shape
     ``expand``/``view`` by ``a`` itself, when the result has ``a``'s shape and dtype.
+``fold_negations``
+    turns ``(-a) / c`` and ``(-a) * c``, for a constant c that is one power of two,
+    into ``a * (-1/c)`` and ``a * (-c)``: one op instead of two (a Gaussian log-density's
+    ``-(x - mu)^2 / (2 sigma^2)`` with sigma = 1).
 
 Parameters and buffers are never folded (they change between calls); random ops and ops
 that write into their inputs are never folded or removed. The values and gradients the
@@ -21,6 +25,8 @@ arithmetic, and a folded op computes what it computed before, once.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.fx import GraphModule, Node
@@ -174,10 +180,102 @@ def drop_identities(gm: GraphModule) -> int:
     return removed
 
 
+def _power_of_two(value) -> float | None:
+    """The number a constant holds everywhere, if it is a (signed) power of two."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0 or not value.dtype.is_floating_point:
+            return None
+        first = value.reshape(-1)[0]
+        if not bool((value == first).all()):
+            return None
+        value = float(first)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value == 0:
+        return None
+    mantissa, _ = math.frexp(value)
+    return float(value) if abs(mantissa) == 0.5 and math.isfinite(value) else None
+
+
+def fold_negations(gm: GraphModule) -> int:
+    """``(-a) / c`` -> ``a * (-1/c)`` and ``(-a) * c`` -> ``a * (-c)``; returns how many.
+
+    Exact: negation is exact, and dividing by a power of two is multiplying by its
+    reciprocal (both give the correctly rounded a / c). Only when the negation has no
+    other user and the constant does not broadcast ``a`` to a larger shape.
+    """
+    graph = gm.graph
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.div.Tensor, aten.mul.Tensor):
+            continue
+        neg, const = node.args[0], node.args[1]
+        if not (
+            isinstance(neg, Node)
+            and neg.target is aten.neg.default
+            and len(neg.users) == 1
+            and not node.kwargs
+        ):
+            continue
+        if isinstance(const, Node):
+            if not (const.op == "get_attr" and const.target.startswith(FOLDED_PREFIX)):
+                continue
+            const = getattr(gm, const.target)
+        c = _power_of_two(const)
+        a, out = neg.args[0], node.meta.get("val")
+        a_val = a.meta.get("val") if isinstance(a, Node) else None
+        if c is None or not isinstance(out, torch.Tensor) or not isinstance(a_val, torch.Tensor):
+            continue
+        if a_val.shape != out.shape or a_val.dtype != out.dtype:
+            continue
+        factor = -1.0 / c if node.target is aten.div.Tensor else -c
+        with graph.inserting_before(node):
+            scaled = graph.call_function(aten.mul.Tensor, (a, factor))
+        scaled.meta = dict(node.meta)
+        node.replace_all_uses_with(scaled)
+        folded += 1
+    graph.eliminate_dead_code()
+    return folded
+
+
 def simplify(gm: GraphModule) -> GraphModule:
-    """Dead-code elimination, constant folding and identity removal, then recompile."""
+    """Dead-code elimination, constant folding, identities and negations, then recompile."""
     gm.graph.eliminate_dead_code()
     fold_constants(gm)
     drop_identities(gm)
+    fold_negations(gm)
     gm.recompile()
     return gm
+
+
+def lift_attributes(gm: GraphModule) -> tuple[torch.Tensor, ...]:
+    """Turn every attribute the graph reads into a leading input; returns their values.
+
+    ``gm.forward(*values, *args)`` then computes what ``gm(*args)`` did, without a
+    ``Module.__getattr__`` per parameter and constant on every call (bind the values once
+    with ``functools.partial``). The values are the very tensors the graph read: the
+    model's parameters stay shared, so in-place updates are seen.
+    """
+    graph = gm.graph
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    values = []
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        if first is None:
+            first = next(iter(graph.nodes))
+        with graph.inserting_before(first):
+            placeholder = graph.placeholder(f"const_{len(values)}")
+        placeholder.meta = dict(node.meta)
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+        values.append(_attribute(gm, node.target))
+    lifted = [n.target for n in graph.nodes if n.op == "placeholder"][: len(values)]
+    assert lifted == [f"const_{i}" for i in range(len(values))], lifted  # inputs in order
+    gm.recompile()
+    return tuple(values)
+
+
+def _attribute(gm: GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -20,7 +20,13 @@ from torch import nn
 
 from elbolab.guides import AmortizedNormal
 from elbolab.inference import CompiledELBO, SVITrainer, TracingFailed, is_compilable
-from elbolab.inference.graph_passes import drop_identities, fold_constants, simplify
+from elbolab.inference.graph_passes import (
+    drop_identities,
+    fold_constants,
+    fold_negations,
+    lift_attributes,
+    simplify,
+)
 from elbolab.models import VAE
 from elbolab.models.vae import LogitBinomial
 
@@ -314,3 +320,38 @@ def test_drop_identities_leaves_graphs_that_write_into_copies_alone():
     simplify(gm)
     assert ops(gm).count("aten.add.Tensor") == 2
     assert torch.equal(gm(x.clone()), fn(x.clone()))
+
+
+def test_fold_negations_only_for_powers_of_two():
+    """-(a) / 2 is a * -0.5 exactly; -(a) / 3 is not a * (-1/3), so it stays."""
+
+    def fn(x):
+        two, three = torch.full((4, 3), 2.0, dtype=x.dtype), torch.full((4, 3), 3.0, dtype=x.dtype)
+        return -(x * x) / two, -(x + 1) / three, -(x - 1) * 0.25
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    gm = record(fn, x)
+    fold_constants(gm)
+    assert fold_negations(gm) == 2
+    gm.recompile()
+    assert ops(gm).count("aten.neg.default") == 1  # the one divided by three
+    for got, want in zip(gm(x), fn(x), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_lift_attributes_passes_the_very_parameters_as_inputs():
+    """After lifting, the graph reads its parameters from leading inputs: the same
+    objects, so an in-place update is seen without recording again."""
+    import functools
+
+    layer = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    gm = record(lambda x: layer(x).sum(), x)
+    values = lift_attributes(gm)
+    assert {id(v) for v in values} == {id(layer.weight), id(layer.bias)}
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr"]
+    replay = functools.partial(gm.forward, *values)
+    assert torch.equal(replay(x), layer(x).sum())
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    assert torch.equal(replay(x), layer(x).sum())
