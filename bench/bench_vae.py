@@ -12,8 +12,9 @@ The wall time of one training epoch inside ``fit(x, epochs=E)``, for
 ``trainer``
     ``SVITrainer(VAE(...), AmortizedNormal(...), loss=TraceMeanField_ELBO(), lr=1e-3,
     batch_size=B, seed=0, progress=False).fit(x, epochs=E)``, i.e. exactly what a user
-    calls, with its defaults: the ELBO is a ``CompiledELBO`` (recorded once per batch
-    shape, replayed after), Pyro validation is on for the first step of each fit;
+    calls, with its defaults: the ELBO is a ``CompiledELBO`` (loss and gradients
+    recorded once per batch shape as one graph, replayed after), Pyro validation is on
+    for the first step of each fit;
     epoch times are the trainer's own ``TrainResult.epoch_times``;
 ``hand``
     a hand-written PyTorch loop computing the *same* loss, the negative ELBO with the

@@ -1,4 +1,4 @@
-"""Pyro's ELBO, traced once per batch shape into a graph of torch ops (the fast SVI path).
+"""Pyro's ELBO, recorded once per batch shape as a graph of torch ops (the fast SVI path).
 
 Each call of a Pyro ELBO runs the model and the guide under Pyro's effect handlers: it
 builds two traces, walks plates and messengers, broadcasts and scales every site, looks
@@ -7,14 +7,23 @@ a small VAE that bookkeeping costs more than the networks (about 1 ms per step o
 cores). Like Pyro's ``JitTrace_ELBO``, ``CompiledELBO`` records the ops once per batch
 shape and replays them; unlike it, parameters stay module-local (the recorded graph
 holds the very ``nn.Parameter`` objects of the model and the guide, never the global
-param store), and the graph is a plain ``torch.fx`` program of ATen ops that runs under
-ordinary autograd, simplified by ``graph_passes.simplify``.
+param store), and the graph is a plain ``torch.fx`` program of ATen ops
+(``make_fx``), simplified by ``graph_passes.simplify``.
+
+Two recordings:
+
+``module(*args)``
+    the loss, replayed under ordinary autograd (``.backward()`` works as usual);
+``module.loss_and_grads(*args, scale=s)``
+    the loss *and* its gradients, one graph of forward and backward ops (autograd run
+    once, while recording); the replay skips autograd's per-op bookkeeping, and adds
+    the gradients to ``.grad`` -- what ``SVITrainer.step`` calls.
 
 The loss is exactly Pyro's: the recorded ops are those of the ELBO's own
 ``_differentiable_loss_particle`` (the surrogate whose gradient is the ELBO gradient),
 averaged over ``num_particles`` as Pyro does; random draws are fresh on every call and
 come from torch's global generator in the same order as Pyro's, so a seeded run gives
-the same numbers compiled or not (checked in ``tests/test_compiled.py``).
+the same numbers compiled or not, to rounding (checked in ``tests/test_compiled.py``).
 
 What a graph cannot see, it does not record: a program whose *structure* depends on the
 data's values (``if x.sum() > 0``) cannot be traced; tracing fails, and the call runs
@@ -29,7 +38,9 @@ handlers (e.g. a KL warm-up's site scale).
 from __future__ import annotations
 
 import functools
+import math
 import sys
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -38,7 +49,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
-from .graph_passes import lift_attributes, simplify
+from .graph_passes import fresh_outputs, lift_attributes, simplify
 
 # ELBOs whose loss is sum over particles of ``_differentiable_loss_particle``
 COMPILABLE = (pyro.infer.Trace_ELBO, pyro.infer.TraceMeanField_ELBO)
@@ -104,7 +115,9 @@ class CompiledELBO(torch.nn.Module):
         that shape eagerly.
 
     ``module(*tensors)`` returns Pyro's differentiable loss (the negative ELBO
-    surrogate, a scalar tensor), like ``elbo(model, guide)(*tensors)``.
+    surrogate, a scalar tensor), like ``elbo(model, guide)(*tensors)``;
+    ``module.loss_and_grads(*tensors, scale=s)`` returns s times its value and adds the
+    gradient of that to the parameters' ``.grad``.
 
     Attributes
     ----------
@@ -126,8 +139,8 @@ class CompiledELBO(torch.nn.Module):
         super().__init__()
         self.elbo, self.model, self.guide, self.strict = elbo, model, guide, strict
         self.graphs: dict[tuple, GraphModule | None] = {}
-        self._replays: dict[tuple, functools.partial] = {}  # forward with its tensors bound
         self.fallbacks: dict[tuple, str] = {}
+        self._replays: dict[tuple, _Replay] = {}
 
     # ------------------------------------------------------------------ calls
     def eager(self, *args: torch.Tensor) -> torch.Tensor:
@@ -135,21 +148,48 @@ class CompiledELBO(torch.nn.Module):
         return self.elbo.differentiable_loss(self.model, self.guide, *args)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        if not self._may_compile(args):
-            return self.eager(*args)
-        key = self._key(args)
+        replay = self._replay(args, self._record_loss) if self._may_compile(args) else None
+        return self.eager(*args) if replay is None else replay.call(args)
+
+    def loss_and_grads(self, *args: torch.Tensor, scale: float = 1.0) -> float:
+        """``scale`` times the loss, as a float; adds the gradient of that to every ``.grad``.
+
+        What ``(scale * module(*args)).backward()`` does (and what Pyro's
+        ``ELBO.loss_and_grads`` does with scale 1), but recorded as *one* graph of forward
+        and backward ops per batch shape and scale: the replay runs without autograd's
+        bookkeeping, which on a small VAE costs as much as the arithmetic. Gradients are
+        those autograd computes, summed in its order up to rounding. A non-finite loss
+        adds no gradient (the caller decides what to do; ``SVITrainer`` stops).
+        """
+        if self._may_compile(args):
+            replay = self._replay(args, self._record_loss_and_grads, scale=scale)
+            if replay is not None:
+                with torch.no_grad():
+                    loss, *grads = replay.call(args)
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    return loss
+                for param, grad, fresh in zip(replay.params, grads, replay.fresh, strict=True):
+                    if grad is None:
+                        continue
+                    if param.grad is None:
+                        param.grad = grad if fresh else grad.clone()
+                    else:
+                        param.grad.add_(grad)
+                return loss
+        surrogate = self.eager(*args) * scale
+        loss = float(surrogate.detach())
+        if math.isfinite(loss):
+            surrogate.backward()
+        return loss
+
+    def _replay(self, args, record, **options) -> _Replay | None:
+        """The recorded graph for these arguments and options, recording it if new."""
+        key = (self._key(args), record.__name__, tuple(sorted(options.items())))
         replay = self._replays.get(key)
-        if replay is not None:
-            return replay(*args)
-        if key not in self.graphs:
-            if len(self.graphs) >= MAX_GRAPHS:
-                return self.eager(*args)
-            graph = self.graphs[key] = self._trace(key, args)
-            if graph is not None:
-                tensors = lift_attributes(graph)  # recompiles: take forward after it
-                replay = self._replays[key] = functools.partial(graph.forward, *tensors)
-                return replay(*args)
-        return self.eager(*args)
+        if replay is None and key not in self.graphs and len(self.graphs) < MAX_GRAPHS:
+            replay = self._record(key, args, record, options)
+        return replay
 
     def _may_compile(self, args) -> bool:
         return (
@@ -183,12 +223,28 @@ class CompiledELBO(torch.nn.Module):
             loss = loss + particle / self.elbo.num_particles
         return loss
 
-    def _trace(self, key: tuple, args) -> GraphModule | None:
+    def _record_loss(self, options):
+        return self.surrogate
+
+    def _record_loss_and_grads(self, options):
+        scale, params = options["scale"], [p for p in self.parameters() if p.requires_grad]
+
+        def loss_and_grads(*args):
+            loss = self.surrogate(*args) * scale
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            return (loss.detach(), *grads)
+
+        return loss_and_grads, params
+
+    def _record(self, key: tuple, args, record, options) -> _Replay | None:
+        """Run ``record``'s function once under ``make_fx``; simplify, bind, cache."""
+        made = record(options)
+        fn, params = made if isinstance(made, tuple) else (made, [])
         cuda = sorted({a.device.index or 0 for a in args if a.device.type == "cuda"})
         try:
-            # tracing runs the program once: fork the RNG so that no draw is consumed
+            # recording runs the program once: fork the RNG so that no draw is consumed
             with torch.random.fork_rng(devices=cuda), pyro.validation_enabled(False):
-                graph = make_fx(lambda *tensors: self.surrogate(*tensors))(*args)
+                graph = make_fx(lambda *tensors: fn(*tensors))(*args)
         except Exception as error:  # the program reads a value, or cannot run at all
             if self.strict:
                 raise TracingFailed(
@@ -197,6 +253,24 @@ class CompiledELBO(torch.nn.Module):
                     "Programs must not branch on tensor values; use strict=False to run "
                     "such calls eagerly."
                 ) from error
+            self.graphs[key] = None
             self.fallbacks[key] = f"{type(error).__name__}: {error}"
             return None
-        return simplify(graph)
+        self.graphs[key] = simplify(graph)
+        fresh = fresh_outputs(graph)[1:]  # the gradients (the loss comes first)
+        tensors = lift_attributes(graph)  # recompiles: bind forward after it
+        replay = self._replays[key] = _Replay(
+            functools.partial(graph.forward, *tensors), params, fresh
+        )
+        return replay
+
+
+class _Replay(NamedTuple):
+    """A recorded graph with its tensors bound, and what its outputs are."""
+
+    forward: functools.partial
+    params: list  # the parameters whose gradients follow the loss, in order
+    fresh: tuple[bool, ...]  # gradients computed into new memory (not views of inputs)
+
+    def call(self, args):
+        return self.forward(*args)

@@ -279,3 +279,29 @@ def _attribute(gm: GraphModule, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _aliases_input(node: Node) -> bool:
+    """Whether the op's result is a view of its first argument (``view``, ``t``, ``detach``)."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
+        return False
+    return target._schema.returns[0].alias_info is not None
+
+
+def fresh_outputs(gm: GraphModule) -> tuple[bool, ...]:
+    """For each output, whether it lives in memory the graph allocated on this call.
+
+    False when it is (a view of) an input or a stored tensor: a caller that keeps it and
+    later writes into it (a ``.grad`` accumulated in place) must copy it first.
+    """
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    values = output.args[0]
+    values = list(values) if isinstance(values, (tuple, list)) else [values]
+    fresh = []
+    for value in values:
+        node = value
+        while isinstance(node, Node) and node.op == "call_function" and _aliases_input(node):
+            node = node.args[0]
+        fresh.append(not (isinstance(node, Node) and node.op in ("placeholder", "get_attr")))
+    return tuple(fresh)

@@ -10,8 +10,8 @@ maximised, so the step follows +gradient -- minimising the loss = -LB does exact
 
 Parameters are module-local, so the ELBO is used as a module (``elbo(model, guide)``)
 with a torch optimiser over ``model.parameters()`` and ``guide.parameters()``. By default
-that module is a ``CompiledELBO`` (``compiled.py``): the same loss, recorded once per
-batch shape and replayed without Pyro's per-call bookkeeping.
+that module is a ``CompiledELBO`` (``compiled.py``): the same loss and gradients, recorded
+once per batch shape and replayed without Pyro's (or autograd's) per-call bookkeeping.
 """
 
 from __future__ import annotations
@@ -227,15 +227,20 @@ class SVITrainer:
 
     def step(self, batch: torch.Tensor, beta: float = 1.0) -> float:
         """One SGD step on a batch; returns the mean per-datapoint (warmed-up) bound."""
-        with ScaleSite(self.latent_site, beta) if beta != 1.0 else nullcontext():
-            loss = self.elbo(batch) / batch.shape[0]
-        bound = -float(loss.detach())
-        if not math.isfinite(bound):
-            raise TrainingDiverged("non-finite loss")
+        scale = 1.0 / batch.shape[0]  # the loss per datapoint
         self.optimizer.zero_grad()
-        loss.backward()  # loss = -LB: descending it is ascending the bound (SGD)
-        self.optimizer.step()
-        return bound
+        with ScaleSite(self.latent_site, beta) if beta != 1.0 else nullcontext():
+            if isinstance(self.elbo, CompiledELBO):
+                loss = self.elbo.loss_and_grads(batch, scale=scale)
+            else:
+                surrogate = self.elbo(batch) * scale
+                loss = float(surrogate.detach())
+                if math.isfinite(loss):
+                    surrogate.backward()
+        if not math.isfinite(loss):
+            raise TrainingDiverged("non-finite loss")
+        self.optimizer.step()  # loss = -LB: descending it is ascending the bound (SGD)
+        return -loss
 
     def _epoch(self, train, beta: float, validate_first: bool) -> float:
         """One pass over the training batches; returns the mean per-datapoint bound.

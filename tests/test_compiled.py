@@ -24,6 +24,7 @@ from elbolab.inference.graph_passes import (
     drop_identities,
     fold_constants,
     fold_negations,
+    fresh_outputs,
     lift_attributes,
     simplify,
 )
@@ -88,6 +89,39 @@ def test_compiled_loss_and_gradients_equal_pyros(elbo, likelihood, scale):
     assert_close(loss, ref_loss)
     for g, ref in zip(grads, ref_grads, strict=True):
         assert_close(g, ref)
+
+
+@pytest.mark.parametrize(
+    "elbo", [TraceMeanField_ELBO(), Trace_ELBO(num_particles=2)], ids=["mean-field", "trace-2"]
+)
+@pytest.mark.parametrize(
+    "likelihood,scale",
+    [("gaussian-unit", "unit"), ("gaussian", "learned"), ("binomial", "learned")],
+)
+def test_loss_and_grads_equals_scaled_backward(elbo, likelihood, scale):
+    """One recorded graph of forward and backward ops gives what autograd gives for
+    (scale * loss).backward(), and adds to gradients already there."""
+    model, guide = pair(likelihood, scale)
+    x = data(likelihood)
+    compiled = CompiledELBO(elbo, model, guide)
+    params = list(compiled.parameters())
+    with pyro.validation_enabled(False):
+        pyro.set_rng_seed(5)
+        ref = elbo(model, guide)(x) * 0.25
+        ref.backward()
+        ref_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        pyro.set_rng_seed(5)
+        loss = compiled.loss_and_grads(x, scale=0.25)
+        assert loss == pytest.approx(float(ref.detach()), rel=RTOL)
+        for p, g in zip(params, ref_grads, strict=True):
+            assert_close(p.grad, g)
+        pyro.set_rng_seed(5)
+        compiled.loss_and_grads(x, scale=0.25)  # replayed: accumulates
+        for p, g in zip(params, ref_grads, strict=True):
+            assert_close(p.grad, 2 * g)
+    assert len(compiled.graphs) == 1
 
 
 def test_tracing_draws_nothing_and_replays_fresh_draws():
@@ -355,3 +389,14 @@ def test_lift_attributes_passes_the_very_parameters_as_inputs():
     with torch.no_grad():
         layer.weight.mul_(2.0)
     assert torch.equal(replay(x), layer(x).sum())
+
+
+def test_fresh_outputs_tells_new_memory_from_views_of_inputs():
+    """A gradient that is a view of an input must be copied before being accumulated into."""
+    weight = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def fn(x):
+        return x * weight, x.t(), weight.detach(), x.sum()
+
+    gm = record(fn, torch.randn(3, 3, dtype=torch.float64))
+    assert fresh_outputs(gm) == (True, False, False, True)
