@@ -28,8 +28,9 @@ the same numbers compiled or not, to rounding (checked in ``tests/test_compiled.
 What a graph cannot see, it does not record: a program whose *structure* depends on the
 data's values (``if x.sum() > 0``) cannot be traced; tracing fails, and the call runs
 eagerly instead (``fallbacks`` says why). The cache key is everything else a program
-may depend on: argument shapes, dtypes and devices, grad mode, train/eval mode and the
-identity of every parameter and buffer. Pyro's validation checks data-dependent
+may depend on: argument shapes, dtypes and devices, grad mode, every submodule's
+train/eval mode, and every parameter's and buffer's identity, dtype, device and
+``requires_grad``. Pyro's validation checks data-dependent
 conditions, so with validation enabled every call runs eagerly (``SVITrainer`` checks
 the first step of each fit and compiles the rest); so do calls made inside other Pyro
 handlers (e.g. a KL warm-up's site scale).
@@ -40,6 +41,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from itertools import chain
 from typing import NamedTuple
 
 import pyro
@@ -69,19 +71,22 @@ def is_compilable(elbo: pyro.infer.ELBO) -> bool:
     return type(elbo) in COMPILABLE
 
 
-def _own_tensors(module: torch.nn.Module) -> list:
-    """Every parameter and buffer slot of ``module`` and its submodules (``None`` kept).
+def _module_state(module: torch.nn.Module) -> tuple:
+    """What a recorded graph of ``module`` depends on besides the values of its tensors.
 
-    A plain walk of ``_parameters``/``_buffers``/``_modules``: ``named_parameters()``
-    costs about 100 microseconds per call on a small VAE, as much as its forward pass.
+    For every submodule its train/eval flag, and for every parameter and buffer slot its
+    identity, dtype, device and whether it requires grad (``None`` slots kept). A plain
+    walk of ``_parameters``/``_buffers``/``_modules``: ``named_parameters()`` costs about
+    100 microseconds per call on a small VAE, as much as its forward pass.
     """
-    tensors, stack = [], [module]
+    state, stack = [], [module]
     while stack:
         m = stack.pop()
-        tensors.extend(m._parameters.values())
-        tensors.extend(m._buffers.values())
+        state.append(m.training)
+        for t in chain(m._parameters.values(), m._buffers.values()):
+            state.append(None if t is None else (id(t), t.dtype, t.device, t.requires_grad))
         stack.extend(m._modules.values())
-    return tensors
+    return tuple(state)
 
 
 class _PyroLossValueAsNaN(TorchFunctionMode):
@@ -202,15 +207,11 @@ class CompiledELBO(torch.nn.Module):
         )
 
     def _key(self, args) -> tuple:
-        tensors = _own_tensors(self.model) + _own_tensors(self.guide)
-        first = next((t for t in tensors if t is not None), None)
         return (
             tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args),
             torch.is_grad_enabled(),
-            self.model.training,
-            self.guide.training,
-            tuple(map(id, tensors)),
-            None if first is None else (first.dtype, first.device),
+            _module_state(self.model),
+            _module_state(self.guide),
         )
 
     # ------------------------------------------------------------------ tracing

@@ -183,6 +183,25 @@ def test_replaced_networks_and_dtype_changes_are_recorded_again():
     assert len(compiled.graphs) == 3
 
 
+def test_frozen_parameters_and_eval_submodules_are_recorded_again():
+    """Freezing the decoder after a step: its gradients stay None (not the recorded
+    ones); switching a submodule to eval mode records a new graph."""
+    model, guide = pair()
+    compiled = CompiledELBO(TraceMeanField_ELBO(), model, guide)
+    x = data("binomial")
+    with pyro.validation_enabled(False):
+        compiled.loss_and_grads(x)
+        model.decoder.requires_grad_(False)
+        for p in compiled.parameters():
+            p.grad = None
+        compiled.loss_and_grads(x)
+        assert all(p.grad is None for p in model.decoder.parameters())
+        assert all(p.grad is not None for p in guide.encoder.parameters())
+        guide.encoder.eval()
+        compiled.loss_and_grads(x)
+    assert len(compiled.graphs) == 3
+
+
 def test_validation_and_enclosing_handlers_run_eagerly():
     """Pyro's checks read values (not recordable), and an outer handler changes the
     program: both run through Pyro as usual, with the same result."""
