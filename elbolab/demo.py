@@ -9,7 +9,8 @@ with
 - direct maximisation of log p(x) with z summed out (no guide),
 
 and with scikit-learn's ``GaussianMixture`` from the same start; prints a table and writes
-figures into the output folder. Then it trains the VAE of :mod:`elbolab.demo_vae`.
+figures into the output folder. Then it trains the VAE of :mod:`elbolab.demo_vae` and fits
+PPCA three ways (:mod:`elbolab.demo_ppca`).
 """
 
 from __future__ import annotations
@@ -263,6 +264,9 @@ def run(out_dir: str | Path = "out/demo", fast: bool = False) -> dict:
     from .demo_vae import run as run_vae
 
     fits["vae"] = run_vae(out, fast=fast)
+    from .demo_ppca import run as run_ppca
+
+    fits["ppca"] = run_ppca(out, fast=fast)
     return fits
 
 

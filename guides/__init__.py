@@ -2,5 +2,6 @@
 
 from .amortized import AmortizedNormal, GaussianEncoder
 from .exact import ExactPosterior
+from .exact_gaussian import ExactGaussianPosterior
 
-__all__ = ["AmortizedNormal", "ExactPosterior", "GaussianEncoder"]
+__all__ = ["AmortizedNormal", "ExactGaussianPosterior", "ExactPosterior", "GaussianEncoder"]

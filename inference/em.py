@@ -34,7 +34,9 @@ class EM(MixtureFitter):
     Parameters
     ----------
     model:
-        A :class:`~elbolab.models.MixtureModel`.
+        A :class:`~elbolab.models.MixtureModel` (or a linear-Gaussian model: ``PPCA``,
+        ``FactorAnalysis``, with ``ExactGaussianPosterior(model)``: see
+        :class:`~elbolab.inference.linear_gaussian.LinearGaussianEM`).
     guide:
         ``ExactPosterior(model)``.
     m_step:
@@ -52,6 +54,15 @@ class EM(MixtureFitter):
     """
 
     scheme = "EM"
+
+    def __new__(cls, model=None, guide=None, *args, **kwargs):
+        # A Gaussian latent has its own E- and M-steps (LG-EM): EM(model, guide) picks them.
+        from ..guides.exact_gaussian import ExactGaussianPosterior
+        from .linear_gaussian import LinearGaussianEM
+
+        if cls is EM and isinstance(guide, ExactGaussianPosterior):
+            cls = LinearGaussianEM
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -127,3 +127,80 @@ def _dtype(module) -> torch.dtype:
 def _validate(model, x) -> torch.Tensor:
     validate = getattr(model, "validate_data", None)
     return validate(x) if validate is not None else torch.as_tensor(x)
+
+
+@torch.no_grad()
+def bound_terms(
+    model,
+    guide,
+    x,
+    num_particles: int = 1,
+    analytic_kl: bool = True,
+    batch_size: int = 1024,
+    latent_site: str = "z",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bound of every datapoint in its two parts (LB-2, VAE-LB): ``(lb1, lb2)``, each (N,).
+
+    - ``lb1`` = E_q[log p(x_d | z)], the reconstruction term, by Monte Carlo with
+      ``num_particles`` draws z ~ q(z | x_d) per datapoint (VAE-MC);
+    - ``lb2`` = -KL(q(z | x_d) || p(z)): in closed form with ``analytic_kl=True`` (VAE-KL),
+      else E_q[log p(z) - log q(z | x_d)] on the same draws.
+
+    lb1 + lb2 is :func:`elbo_per_datapoint` with the same ``analytic_kl``: from the same
+    random state both use the same draws, so the sums agree to rounding. For the lecture's
+    N(mu_D, I) decoder, lb1 = -(n/2) log 2 pi + LB1 of VAE-LB (the constant included).
+    """
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    x = _validate(model, x)
+    lb1, lb2 = [], []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size]
+        log_lik, minus_kl = _split_log_weights(
+            model, guide, xb, num_particles, latent_site, analytic_kl
+        )
+        lb1.append(log_lik.mean(0))
+        lb2.append(minus_kl)
+    return torch.cat(lb1), torch.cat(lb2)
+
+
+def _split_log_weights(
+    model, guide, x: torch.Tensor, num_samples: int, latent_site: str, analytic_kl: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x_d | z_k) for K draws, shape (K, N), and -KL_d, shape (N,).
+
+    The draws are those of :func:`_log_weights` from the same random state. The first
+    part sums the model's observed sites, the second its latent sites minus the guide's
+    (in closed form for ``latent_site`` with ``analytic_kl``; else averaged over the draws).
+    """
+    with pyro.plate("particles", num_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    shape = (num_samples, x.shape[0])
+    log_lik = torch.zeros(shape, dtype=x.dtype)
+    latent = torch.zeros(shape, dtype=x.dtype)
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if site["is_observed"]:
+            log_lik = log_lik + site["fn"].log_prob(site["value"])
+        elif not (analytic_kl and name == latent_site):
+            latent = latent + site["fn"].log_prob(site["value"])
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
+            continue
+        if not (analytic_kl and name == latent_site):
+            latent = latent - site["fn"].log_prob(site["value"])
+    minus_kl = latent.mean(0)
+    if analytic_kl:
+        q, p = guide_trace.nodes[latent_site]["fn"], model_trace.nodes[latent_site]["fn"]
+        try:
+            kl = kl_divergence(q, p)
+        except NotImplementedError:
+            raise ValueError(
+                f"no closed-form KL between {type(q).__name__} and {type(p).__name__}; "
+                "use analytic_kl=False (a Monte Carlo estimate on the same draws)"
+            ) from None
+        # q and p carry the particles plate's batch shape; every particle has the same KL
+        minus_kl = minus_kl - torch.broadcast_to(kl, shape)[0]
+    return log_lik, minus_kl

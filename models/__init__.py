@@ -5,6 +5,7 @@ from .bernoulli import BernoulliMixture
 from .categorical import CategoricalMixture
 from .enumeration import EnumeratedJoint, enumerate_joint
 from .gaussian import GaussianMixture, SingularCovarianceError
+from .linear_gaussian import PPCA, FactorAnalysis, LinearGaussian, gaussian_bound
 from .poisson import PoissonMixture
 from .vae import VAE
 
@@ -12,12 +13,16 @@ __all__ = [
     "BernoulliMixture",
     "CategoricalMixture",
     "EnumeratedJoint",
+    "FactorAnalysis",
     "GaussianMixture",
+    "LinearGaussian",
     "MixtureModel",
     "NotFittedError",
+    "PPCA",
     "PoissonMixture",
     "SingularCovarianceError",
     "VAE",
     "as_data_tensor",
     "enumerate_joint",
+    "gaussian_bound",
 ]

@@ -31,6 +31,11 @@ def test_demo_fits_agree_and_write_figures(tmp_path, capsys):
     for png in ("vae_bound.png", "vae_latent.png", "vae_reconstructions.png", "vae_samples.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "VAE on digits" in printed
+    ppca = fits["ppca"]
+    closed = ppca["closed"].score(ppca["x"])
+    assert abs(ppca["em"].log_likelihood - closed) < 1e-8 * abs(closed)  # EM, tol 1e-10
+    assert "PPCA(13, 3) on wine" in printed
+    assert (tmp_path / "ppca_bridge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_console_command_help():
