@@ -82,7 +82,10 @@ class ExactGaussianPosterior(PyroModule):
 
     @staticmethod
     def _key(x) -> tuple:
-        return (id(x), tuple(x.shape), x._version) if isinstance(x, torch.Tensor) else (id(x),)
+        # the same memory, layout and version: a detached or re-validated view still hits
+        if isinstance(x, torch.Tensor):
+            return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
+        return (id(x),)
 
     @torch.no_grad()
     def posterior(self, x) -> tuple[torch.Tensor, torch.Tensor]:

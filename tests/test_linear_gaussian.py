@@ -221,3 +221,28 @@ def test_bad_input_errors(wine):
         ppca_closed_form(FactorAnalysis(13, 3), wine)
     with pytest.raises(ValueError, match="must be positive"):
         model.set_params(noise=0.0)
+
+
+def test_compare_runs_the_three_routes_on_one_table(wine):
+    """compare() on PPCA: EM reaches the closed form (1e-8 relative, tol=1e-10) with a zero
+    gap (EM-TIGHT); the linear VAE's gap is positive (BASIC) and its log-likelihood within
+    2e-3 relative (as above). Schemes that do not fit refuse before any fitting."""
+    from elbolab.inference import compare
+    from elbolab.models import VAE
+
+    table = compare(
+        PPCA(13, 3), wine, schemes=["closed-form", "em", "linear-vae"], reference="closed-form"
+    )
+    rows = {r["scheme"]: r for r in table}
+    best = rows["closed-form"]["loglik"]
+    assert abs(rows["em"]["loglik_vs_ref"]) < 1e-8 * abs(best)
+    assert 0 <= rows["em"]["gap"] < 1e-8
+    assert rows["linear-vae"]["gap"] > 0
+    assert rows["linear-vae"]["loglik"] == pytest.approx(best, rel=2e-3)
+    assert rows["em"]["theta_vs_ref"] < 1e-3  # W W^T, mu, sigma^2: rotation-free
+    with pytest.raises(ValueError, match=r"\['nuts'\] do not fit PPCA.*'closed-form'"):
+        compare(PPCA(13, 3), wine, schemes=["nuts"])
+    with pytest.raises(ValueError, match=r"\['closed-form'\] do not fit FactorAnalysis"):
+        compare(FactorAnalysis(13, 3), wine, schemes=["closed-form"])
+    with pytest.raises(ValueError, match="no scheme is registered for VAE"):
+        compare(VAE(13, 2), wine, schemes=["em"])
