@@ -18,10 +18,10 @@ exactly (EM-MIX.1's sum over k) and only theta is approximated:
 - :func:`sample_nuts` -- Pyro's ``NUTS``, one chain after another.
 
 NUTS gets the potential -log p(theta, x) with z summed out either from Pyro
-(``potential="enumerated"``: the program above run under enumeration at every leapfrog
-step) or from :meth:`BayesianMixture.potential` (``"vectorized"``, the default): the
-same value written directly as a prior term plus a logsumexp over components, two to
-three times faster per gradient (tests check the two agree to 1e-10).
+(``potential="enumerated"``, the default: the program above run under enumeration at
+every leapfrog step) or from :meth:`BayesianMixture.potential` (``"vectorized"``): the
+same value written directly as a prior term plus a logsumexp over components, about
+twice as fast per gradient (tests check the two agree to 1e-10).
 
 Parameters of the guides are module-local (``AutoNormal``/``AutoDelta`` are
 ``PyroModule`` s); nothing is put in Pyro's global param store.

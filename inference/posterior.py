@@ -259,7 +259,8 @@ def _quiet_shape_check():
     def keep(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Shape validation failed")
 
-    logger = logging.getLogger("arviz")
+    # ArviZ logs through its own ``arviz._log`` (not registered with ``logging``)
+    logger = getattr(arviz(), "_log", None) or logging.getLogger("arviz")
     logger.addFilter(keep)
     try:
         yield
