@@ -188,27 +188,30 @@ def _posterior_fit(model, x, program, relabelled, idata, estimate, flags, result
 
 
 # ---------------------------------------------------------------------------- maximum likelihood
+def _em(model, x, m_step: str, **options) -> SchemeFit:
+    """EM with ``m_step``; bound = LB after the last M-step (exact: EM-TIGHT)."""
+    result = EM(model, ExactPosterior(model), m_step=m_step, progress=False, **options).fit(x)
+    fit = _point_fit(model, x, result)
+    fit.bound, fit.bound_se = result.lower_bound, 0.0
+    return fit
+
+
 @register_scheme("em", MixtureModel, applies=has_closed_form, validate=_validate_point)
 def em_closed_form(
     model, x, *, seed, init="kmeans++", n_init=1, tol=1e-8, max_iter=1000, reg_covar=1e-6
 ) -> SchemeFit:
     """EM with the closed-form M-step (EM-MIX.2/3); bound = LB after the last M-step."""
-    fitter = EM(
+    return _em(
         model,
-        ExactPosterior(model),
-        m_step="closed-form",
+        x,
+        "closed-form",
         init=init,
         n_init=n_init,
         tol=tol,
         max_iter=max_iter,
         reg_covar=reg_covar,
         seed=seed,
-        progress=False,
     )
-    result = fitter.fit(x)
-    fit = _point_fit(model, x, result)
-    fit.bound, fit.bound_se = result.lower_bound, 0.0
-    return fit
 
 
 @register_scheme("em-gradient", MixtureModel, validate=_validate_point)
@@ -216,22 +219,17 @@ def em_gradient(
     model, x, *, seed, init="kmeans++", n_init=1, tol=1e-8, max_iter=1000, reg_covar=1e-6
 ) -> SchemeFit:
     """EM with the gradient M-step: Pyro's ELBO maximised with the exact guide frozen."""
-    fitter = EM(
+    return _em(
         model,
-        ExactPosterior(model),
-        m_step="gradient",
+        x,
+        "gradient",
         init=init,
         n_init=n_init,
         tol=tol,
         max_iter=max_iter,
         reg_covar=reg_covar,
         seed=seed,
-        progress=False,
     )
-    result = fitter.fit(x)
-    fit = _point_fit(model, x, result)
-    fit.bound, fit.bound_se = result.lower_bound, 0.0
-    return fit
 
 
 @register_scheme("direct", MixtureModel, validate=_validate_point)

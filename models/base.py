@@ -47,6 +47,26 @@ def as_data_tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t
 
 
+def check_data_matrix(t: torch.Tensor, data_dim: int, name: str = "x") -> torch.Tensor:
+    """``ValueError`` with the fix unless ``t`` is a finite, non-empty (N, data_dim) matrix."""
+    if t.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D with shape (n_samples, {data_dim}), got shape "
+            f"{tuple(t.shape)}; flatten each sample into one row."
+        )
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample.")
+    if t.shape[1] != data_dim:
+        raise ValueError(
+            f"{name} has {t.shape[1]} features but the model has data_dim={data_dim}; "
+            f"pass data with {data_dim} columns or build the model with "
+            f"data_dim={t.shape[1]}."
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf; remove or impute those entries first.")
+    return t
+
+
 class NotFittedError(ValueError, AttributeError):
     """The model has no parameters yet."""
 

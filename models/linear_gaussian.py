@@ -26,7 +26,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
-from .base import as_data_tensor
+from .base import as_data_tensor, check_data_matrix
 from .vae import check_positive_int
 
 
@@ -167,25 +167,7 @@ class LinearGaussian(PyroModule):
         t = as_data_tensor(x)
         if reset and t.dtype != self.dtype:
             self.to(t.dtype)
-        t = t.to(self.dtype)
-        if t.dim() != 2:
-            raise ValueError(
-                f"{name} must be 2-D with shape (n_samples, {self.data_dim}), got shape "
-                f"{tuple(t.shape)}; reshape it, e.g. x.reshape(-1, {self.data_dim})."
-            )
-        if t.shape[0] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample.")
-        if t.shape[1] != self.data_dim:
-            raise ValueError(
-                f"{name} has {t.shape[1]} features but the model has data_dim={self.data_dim}; "
-                f"pass data with {self.data_dim} columns or build the model with "
-                f"data_dim={t.shape[1]}."
-            )
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"{name} contains NaN or inf; remove or impute those entries before fitting."
-            )
-        return t
+        return check_data_matrix(t.to(self.dtype), self.data_dim, name)
 
     def extra_repr(self) -> str:
         return f"data_dim={self.data_dim}, latent_dim={self.latent_dim}"

@@ -26,7 +26,7 @@ from pyro.ops.special import log_binomial
 from torch import nn
 from torch.distributions import constraints
 
-from .base import as_data_tensor
+from .base import as_data_tensor, check_data_matrix
 
 LIKELIHOODS = ("gaussian-unit", "gaussian", "bernoulli", "binomial")
 
@@ -211,24 +211,7 @@ class VAE(PyroModule):
         ``ValueError`` with the fix for: not 2-D, empty, wrong feature count, NaN/inf,
         non-binary data (``"bernoulli"``), values outside 0..count (``"binomial"``).
         """
-        t = as_data_tensor(x, self._dtype())
-        if t.dim() != 2:
-            raise ValueError(
-                f"{name} must be 2-D with shape (n_samples, {self.data_dim}), got shape "
-                f"{tuple(t.shape)}; flatten each sample into one row."
-            )
-        if t.shape[0] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample.")
-        if t.shape[1] != self.data_dim:
-            raise ValueError(
-                f"{name} has {t.shape[1]} features but the model has data_dim={self.data_dim}; "
-                f"pass data with {self.data_dim} columns or build the model with "
-                f"data_dim={t.shape[1]}."
-            )
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"{name} contains NaN or inf; remove or impute those entries before training."
-            )
+        t = check_data_matrix(as_data_tensor(x, self._dtype()), self.data_dim, name)
         if self.likelihood == "bernoulli" and not bool(((t == 0) | (t == 1)).all()):
             raise ValueError(
                 "the bernoulli likelihood needs binary data (every entry 0 or 1); binarise "
