@@ -89,6 +89,17 @@ def check_sample_weight(sample_weight, n: int, dtype: torch.dtype) -> torch.Tens
     return w
 
 
+def check_fit_options(*, tol, max_iter: int, n_init: int, reg_covar) -> None:
+    """``ValueError`` with the fix for options every EM-like fitter shares."""
+    for name, value in (("max_iter", max_iter), ("n_init", n_init)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if not reg_covar >= 0:
+        raise ValueError(f"reg_covar must be >= 0, got {reg_covar!r}")
+
+
 class MixtureFitter:
     """Shared machinery of the fitting schemes; see :class:`~elbolab.inference.EM`.
 
@@ -143,13 +154,7 @@ class MixtureFitter:
             raise ValueError("guide must be ExactPosterior(model) for this same model")
         if not isinstance(init, dict) and init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
-        for name, value, low in (("max_iter", max_iter, 1), ("n_init", n_init, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {tol!r}")
-        if not reg_covar >= 0:
-            raise ValueError(f"reg_covar must be >= 0, got {reg_covar!r}")
+        check_fit_options(tol=tol, max_iter=max_iter, n_init=n_init, reg_covar=reg_covar)
         self.model, self.guide = model, guide
         self.tol, self.max_iter, self.n_init = float(tol), max_iter, n_init
         self.init, self.reg_covar, self.seed = init, float(reg_covar), seed

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..guides.exact_gaussian import ExactGaussianPosterior
 from ..models.linear_gaussian import PPCA, LinearGaussian
 from .em import EM
-from .fitting import EMResult
+from .fitting import EMResult, check_fit_options
 
 INIT_METHODS = ("random",)
 
@@ -134,13 +134,7 @@ class LinearGaussianEM(EM):
             init = "random"
         if not isinstance(init, dict) and init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
-        for name, value in (("max_iter", max_iter), ("n_init", n_init)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {tol!r}")
-        if not reg_covar >= 0:
-            raise ValueError(f"reg_covar must be >= 0, got {reg_covar!r}")
+        check_fit_options(tol=tol, max_iter=max_iter, n_init=n_init, reg_covar=reg_covar)
         self.model, self.guide, self.m_step = model, guide, "closed-form"
         self.tol, self.max_iter, self.n_init = float(tol), max_iter, n_init
         self.init, self.reg_covar, self.seed = init, float(reg_covar), seed

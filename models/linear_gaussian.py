@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from .base import as_data_tensor, check_data_matrix
-from .vae import check_positive_int
+from .vae import ancestral_sample, check_positive_int
 
 
 class LinearGaussian(PyroModule):
@@ -150,11 +150,7 @@ class LinearGaussian(PyroModule):
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``n`` samples by ancestral sampling; returns ``(x, z)``, shapes (n, D), (n, k)."""
-        check_positive_int("n", n, "the number of samples to draw")
-        if seed is not None:
-            pyro.set_rng_seed(seed)
-        trace = pyro.poutine.trace(self._program).get_trace(int(n), None)
-        return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+        return ancestral_sample(self._program, n, seed)
 
     # ------------------------------------------------------------------ data
     def validate_data(self, x, *, name: str = "x", reset: bool = False) -> torch.Tensor:

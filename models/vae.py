@@ -49,6 +49,16 @@ def check_positive_int(name: str, value, hint: str) -> int:
     return int(value)
 
 
+@torch.no_grad()
+def ancestral_sample(program, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``program(n, None)`` forward; returns its ``(x, z)`` site values."""
+    check_positive_int("n", n, "the number of samples to draw")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    trace = pyro.poutine.trace(program).get_trace(int(n), None)
+    return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+
+
 def check_hidden(hidden) -> tuple[int, ...]:
     hidden = tuple(hidden)
     for h in hidden:
@@ -199,11 +209,7 @@ class VAE(PyroModule):
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``n`` samples by ancestral sampling; returns ``(x, z)``, shapes (n, n_x), (n, k)."""
-        check_positive_int("n", n, "the number of samples to draw")
-        if seed is not None:
-            pyro.set_rng_seed(seed)
-        trace = pyro.poutine.trace(self._program).get_trace(int(n), None)
-        return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+        return ancestral_sample(self._program, n, seed)
 
     def validate_data(self, x, *, name: str = "x") -> torch.Tensor:
         """Check ``x`` (N, data_dim) and return it as a tensor of the model's dtype.
