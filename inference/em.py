@@ -3,29 +3,78 @@
 One iteration:
 
 1. E-step -- ``guide.refresh(x)``: q_d(z) := p(z | x_d; theta), theta~ := theta.
-   The bound now touches the log-likelihood (EM-TIGHT).
-2. M-step -- theta := argmax_theta sum_d LB_d(q_d, theta), either in closed form
-   (registry, EM-MIX.2/3) or by maximising Pyro's ELBO with the guide frozen.
+   The bound now touches the log-likelihood (EM-TIGHT). With a closed form, the pass
+   reduces the data to additive sums (:mod:`.statistics`), chunk by chunk.
+2. M-step -- theta := argmax_theta sum_d LB_d(q_d, theta), either in closed form from
+   those sums (EM-MIX.2/3) or by maximising Pyro's ELBO with the guide frozen.
 3. Stop when the per-sample bound changes by less than ``tol``.
 
 By BASIC and EM-TIGHT the log-likelihood never decreases (EM-MONO):
 ``log_likelihoods[t] <= lower_bounds[t] <= log_likelihoods[t + 1]``.
+
+Because the sums add up over any split of the data, EM over chunks (a list, a
+``DataLoader``, a memory-mapped ``.npy`` file) and over the shards of several processes
+(``distributed=True``: the sums are all-reduced) is the same algorithm as full-batch EM, and
+gives the same parameters to rounding. ``stochastic=True`` replaces the sums by running
+averages over minibatches (Cappe & Moulines 2009): approximate, but one pass can be enough.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
+from .chunks import DEFAULT_CHUNK_SIZE, DataSource
 from .fitting import EMResult, MixtureFitter
-from .gradient_m_step import gradient_m_step
+from .gradient_m_step import elbo_loss, gradient_m_step
 from .registry import lookup_m_step
+from .statistics import lookup_statistics
 
 M_STEPS = ("auto", "closed-form", "gradient")
+
+
+@dataclass
+class EPass:
+    """What one E-step pass over all the data returns (sums, so chunks and ranks add up).
+
+    ``stats``: the family's sums (None with a gradient M-step); ``log_lik``:
+    sum_d w_d log p(x_d); ``neg_entropy``: sum_d w_d sum_k r_dk log r_dk; ``weight``:
+    sum_d w_d; ``rows``: number of data points.
+    """
+
+    stats: dict | None
+    log_lik: float
+    neg_entropy: float
+    weight: float
+    rows: int
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_step_size(step_size) -> Callable[[int], float]:
+    """gamma_t of stochastic EM: ``t ** -step_size`` for a float in (0.5, 1], or a callable."""
+    if callable(step_size):
+        return step_size
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+        raise ValueError(f"step_size must be a float in (0.5, 1] or a callable, got {step_size!r}")
+    if not 0.5 < step_size <= 1:
+        raise ValueError(
+            f"step_size must be in (0.5, 1] (gamma_t = t ** -step_size: the sum of gamma_t "
+            f"must diverge and that of gamma_t ** 2 converge), got {step_size!r}"
+        )
+    kappa = float(step_size)
+    return lambda t: t**-kappa
 
 
 class EM(MixtureFitter):
@@ -45,15 +94,40 @@ class EM(MixtureFitter):
     tol:
         Stop when the mean per-sample bound changes by less than ``tol``.
     max_iter:
-        Maximum number of EM iterations per initialisation.
+        Maximum number of EM iterations per initialisation (stochastic EM: passes).
     gradient_max_iter:
         L-BFGS iterations of each gradient M-step.
+    chunk_size:
+        Rows read at a time from a ``.npy`` file or ``numpy.memmap``.
+    stochastic:
+        Stochastic (online) EM, **approximate**: after each minibatch of ``batch_size``
+        rows, the running sums s_t = (1 - gamma_t) s_{t-1} + gamma_t sbar(x_b; theta_{t-1})
+        (per-datum averages) are updated and theta_t is their closed-form M-step (Cappe &
+        Moulines 2009). Families without closed-form sums take minibatch SVI steps instead
+        (Adam on Pyro's ``TraceEnum_ELBO`` with the guide refreshed on each minibatch, the
+        bound per datum: the ``pyro.plate`` subsample scaling N/B divided by N).
+        ``max_iter`` passes are made over the data (one if it is a one-shot iterator).
+    batch_size:
+        Minibatch size of stochastic EM.
+    step_size:
+        Stochastic EM's gamma_t: a float kappa in (0.5, 1] for gamma_t = t ** -kappa (default
+        0.6), or a callable t -> gamma_t in (0, 1].
+    learning_rate:
+        Adam's learning rate for the minibatch SVI steps of families without closed form.
+    distributed:
+        Each process of a ``torch.distributed`` job passes its own shard to ``fit``; the
+        sums of every pass are all-reduced and every process takes the same M-step, so the
+        result is that of one process on all the data. The start is computed on rank 0's
+        first chunk and broadcast. See :mod:`elbolab.inference.distributed`.
 
     ``n_init``, ``init``, ``reg_covar``, ``seed``, ``warm_start``, ``progress`` and
     ``callback`` are described in :class:`~elbolab.inference.fitting.MixtureFitter`.
+    ``fit`` takes a tensor or array (N, D), a list of chunks, a ``DataLoader`` or a ``.npy``
+    path (:mod:`elbolab.inference.chunks`); the start is computed on the first chunk.
     """
 
     scheme = "EM"
+    reads_chunks = True
 
     def __new__(cls, model=None, guide=None, *args, **kwargs):
         # A Gaussian latent has its own E- and M-steps (LG-EM): EM(model, guide) picks them.
@@ -78,6 +152,12 @@ class EM(MixtureFitter):
         seed: int | None = None,
         warm_start: bool = False,
         gradient_max_iter: int = 20,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        stochastic: bool = False,
+        batch_size: int = 1024,
+        step_size: float | Callable[[int], float] = 0.6,
+        learning_rate: float = 0.01,
+        distributed: bool = False,
         progress: bool = True,
         callback: Callable[[int, MixtureModel], None] | None = None,
     ) -> None:
@@ -103,50 +183,167 @@ class EM(MixtureFitter):
             callback=callback,
         )
         self.m_step, self.gradient_max_iter = m_step, gradient_max_iter
+        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.stochastic, self.distributed = bool(stochastic), bool(distributed)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.step_size = step_size
+        self._gamma = check_step_size(step_size)
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+        self.learning_rate = float(learning_rate)
+        self._single_pass = self.stochastic
+        if self.stochastic and self.distributed:
+            raise ValueError(
+                "stochastic EM runs on one process; for several processes use exact EM "
+                "(distributed=True without stochastic), which reads each shard in chunks."
+            )
+        if self.distributed:
+            statistics = lookup_statistics(type(model)) if self._closed_form() else None
+            if statistics is None or not statistics.additive:
+                raise ValueError(
+                    f"distributed EM needs additive sufficient statistics, and "
+                    f"{type(model).__name__} has none with m_step={m_step!r}; register them "
+                    "with elbolab.inference.register_statistics."
+                )
+        if self.scheme == "EM" and self.stochastic:
+            self.scheme = "stochastic EM (approximate)"
 
     def _closed_form(self) -> bool:
         if self.m_step == "gradient":
             return False
-        return lookup_m_step(type(self.model)) is not None
+        return lookup_statistics(type(self.model)) is not None
 
     def _after_last_run(self, x, w) -> None:
         """Nothing to do: the loop ends with an E-step at the final parameters."""
 
+    # ------------------------------------------------------------------ distributed hooks
+    def _initialize_from(self, source: DataSource, rng) -> None:
+        if not self.distributed:
+            return super()._initialize_from(source, rng)
+        from . import distributed as dist_ops
+
+        error = None
+        try:
+            super()._initialize_from(source, rng)
+        except ValueError as caught:
+            error = caught
+        dist_ops.agree(error, "the start (first chunk of each shard)")
+        with dist_ops.collective("broadcasting the start from rank 0"):
+            dist_ops.broadcast_module(self.model, src=0)
+
+    def _reduce(self, e: EPass, error: BaseException | None, what: str) -> EPass:
+        """Sum a pass over every rank (a no-op on one process)."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return e
+        from . import distributed as dist_ops
+
+        dist_ops.agree(error, what)
+        scalars = torch.tensor([e.log_lik, e.neg_entropy, e.weight, float(e.rows)])
+        tensors = dict(e.stats) | {"_scalars": scalars.to(torch.float64)}
+        fixed = lookup_statistics(type(self.model)).fixed
+        with dist_ops.collective(what):
+            dist_ops.all_reduce_sum(tensors, skip=fixed)
+        ll, neg_entropy, weight, rows = tensors.pop("_scalars").tolist()
+        if rows == 0:
+            raise ValueError("every shard is empty; pass data to at least one rank.")
+        return EPass(tensors, ll, neg_entropy, weight, int(rows))
+
+    # ------------------------------------------------------------------ the E-step pass
+    def _e_step(self, x, w):
+        """E-step on one chunk: refresh the guide, return log p(x_d, z = k) (n, K) and r_dk."""
+        self.guide.refresh(x, w)  # (EM-1 step 1)
+        log_joint = self.guide.joint(x, w).log_joint.transpose(-1, -2)  # (n, K)
+        log_px = log_joint.logsumexp(-1)  # log p(x_d)
+        log_resp = log_joint - log_px.unsqueeze(-1)  # log r_dk (EM-MIX.1)
+        return log_px, log_resp
+
+    def _e_pass(self, source: DataSource, what: str) -> EPass:
+        """One E-step over every chunk, reduced to sums (and over every rank)."""
+        statistics = lookup_statistics(type(self.model)) if self._closed_form() else None
+        total = EPass(None, 0.0, 0.0, 0.0, 0)
+        error = None
+        try:
+            for x, w in self._chunks(source):
+                log_px, log_resp = self._e_step(x, w)
+                resp = log_resp.exp()
+                wresp = resp if w is None else resp * w.unsqueeze(-1)
+                total.log_lik += float(log_px.sum() if w is None else (log_px * w).sum())
+                total.neg_entropy += float(torch.where(resp > 0, wresp * log_resp, 0.0).sum())
+                total.weight += float(x.shape[0] if w is None else w.sum())
+                total.rows += x.shape[0]
+                if statistics is not None:
+                    stats = statistics.collect(self.model, x, wresp)
+                    total.stats = (
+                        stats if total.stats is None else statistics.combine(total.stats, stats)
+                    )
+            if total.rows == 0 and not self.distributed:
+                raise ValueError("the data have no rows; pass at least one non-empty chunk.")
+            if total.rows == 0:
+                raise ValueError(
+                    "this rank's shard is empty; give every rank at least one row "
+                    "(fewer processes, or more data)."
+                )
+        except ValueError as caught:
+            error = caught
+        if total.stats is None and statistics is not None:
+            total.stats = statistics.collect(self.model, *self._empty_like())
+        return self._reduce(total, error, what)
+
+    def _empty_like(self):
+        """A (0, D) chunk and (0, K) responsibilities (an empty shard still sends its zeros)."""
+        dtype, D = self.model.dtype, self.model.n_features_in_
+        return torch.zeros(0, D, dtype=dtype), torch.zeros(0, self.model.n_components, dtype=dtype)
+
+    # ------------------------------------------------------------------ batch EM
     def _run(self, x, w, desc: str) -> EMResult:
+        """EM iterations on data in memory (one chunk)."""
+        from .chunks import InMemory
+
+        return self._run_source(InMemory(x, w), desc)
+
+    def _run_source(self, source: DataSource, desc: str) -> EMResult:
+        if self.stochastic:
+            return self._run_stochastic(source, desc)
+        return self._run_batch(source, desc)
+
+    def _run_batch(self, source: DataSource, desc: str) -> EMResult:
         """EM iterations from the model's current parameters (the loop lives here only)."""
-        model, guide, closed = self.model, self.guide, self._closed_form()
-
-        def wmean(v: torch.Tensor) -> float:
-            return float(v.mean() if w is None else (v * w).sum() / w.sum())
-
-        def e_step() -> tuple[torch.Tensor, torch.Tensor]:
-            guide.refresh(x, w)  # (EM-1 step 1)
-            log_joint = guide.joint(x, w).log_joint.transpose(-1, -2)  # (N, K)
-            return log_joint, log_joint.logsumexp(-1)  # log p(x_d, z = k), log p(x_d)
-
+        model, closed = self.model, self._closed_form()
+        if not closed and not source.in_memory:
+            raise ValueError(
+                f"EM over chunks needs a closed-form M-step, and {type(model).__name__} has "
+                "none; register its sufficient statistics (register_statistics) or pass the "
+                "data in memory for the gradient M-step."
+            )
+        statistics = lookup_statistics(type(model)) if closed else None
         if self.callback is not None:
             self.callback(0, model)
-        log_joint, log_px = e_step()
-        lls, lbs = [wmean(log_px)], []
+        e = self._e_pass(source, "the E-step pass at the start")
+        lls, lbs = [e.log_lik / e.weight], []
         previous, converged, it = lls[0], False, 0  # after an E-step, bound = ll (EM-TIGHT)
         bar = tqdm(
             total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False
         )
         for it in range(1, self.max_iter + 1):
-            log_resp = log_joint - log_px.unsqueeze(-1)  # r_dk (EM-MIX.1)
             if closed:
-                resp = log_resp.exp()
-                self._closed_form_m_step(x, w, resp)  # (EM-MIX.2/3)
+                self.m_step_from(statistics, e.stats)  # (EM-MIX.2/3)
+                # sum_k r_dk log(pi_k p_k(x_d) / r_dk) at the new theta (EM-MIX.LB), from the sums
+                log_weights = model.weights_.log()
+                expected = statistics.expected_log_lik(model, e.stats)
+                joint_term = expected + torch.where(
+                    e.stats["nk"] > 0, e.stats["nk"] * log_weights, 0.0
+                )
+                bound = (float(joint_term.sum()) - e.neg_entropy) / e.weight
             else:
-                bound = gradient_m_step(model, guide, x, w, max_iter=self.gradient_max_iter)
+                bound = gradient_m_step(
+                    model, self.guide, source.x, source.w, max_iter=self.gradient_max_iter
+                )
             self._check_finite()
-            log_joint, log_px = e_step()
-            if closed:
-                # sum_k r_dk log(pi_k p_k(x_d) / r_dk) at the new theta (EM-MIX.LB)
-                terms = torch.where(resp > 0, resp * (log_joint - log_resp), 0.0)
-                bound = wmean(terms.sum(-1))
+            e = self._e_pass(source, f"the E-step pass of iteration {it}")
             lbs.append(bound)
-            lls.append(wmean(log_px))
+            lls.append(e.log_lik / e.weight)
             if self.callback is not None:
                 self.callback(it, model)
             bar.update(1)
@@ -156,4 +353,97 @@ class EM(MixtureFitter):
                 break
             previous = bound
         bar.close()
-        return EMResult(lls, lbs, converged, it, "closed-form" if closed else "gradient")
+        return EMResult(
+            lls,
+            lbs,
+            converged,
+            it,
+            "closed-form" if closed else "gradient",
+            n_passes=it + 1,
+        )
+
+    # ------------------------------------------------------------------ stochastic EM
+    def _minibatches(self, source: DataSource, generator: torch.Generator):
+        """Minibatches of ``batch_size`` rows: shuffled when in memory, in order otherwise."""
+        B = self.batch_size
+        if source.in_memory:
+            order = torch.randperm(source.x.shape[0], generator=generator)
+            for start in range(0, order.shape[0], B):
+                idx = order[start : start + B]
+                yield source.x[idx], None if source.w is None else source.w[idx]
+            return
+        for x, w in self._chunks(source):
+            for start in range(0, x.shape[0], B):
+                yield x[start : start + B], None if w is None else w[start : start + B]
+
+    def _run_stochastic(self, source: DataSource, desc: str) -> EMResult:
+        """Cappe & Moulines online EM, or minibatch SVI without closed-form sums."""
+        model = self.model
+        statistics = lookup_statistics(type(model)) if self._closed_form() else None
+        if statistics is not None and not statistics.additive:
+            statistics.combine({}, {}, 0.5, 0.5)  # raises the error that says what to do
+        optimizer = None
+        if statistics is None:
+            optimizer = torch.optim.Adam(list(model.parameters()), lr=self.learning_rate)
+        generator = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
+        passes = self.max_iter if source.reiterable else 1
+        if self.callback is not None:
+            self.callback(0, model)
+        running, t, lls = None, 0, []
+        bar = tqdm(total=passes, desc=desc, delay=1.0, disable=not self.progress, leave=False)
+        for epoch in range(1, passes + 1):
+            ll_sum, weight_sum = 0.0, 0.0
+            for x, w in self._minibatches(source, generator):
+                t += 1
+                log_px, log_resp = self._e_step(x, w)  # at theta_{t-1}
+                weight = float(x.shape[0] if w is None else w.sum())
+                ll_sum += float(log_px.sum() if w is None else (log_px * w).sum())
+                weight_sum += weight
+                if statistics is None:
+                    self._svi_step(optimizer, x, w, weight)
+                else:
+                    resp = log_resp.exp()
+                    wresp = resp if w is None else resp * w.unsqueeze(-1)
+                    # sbar: the minibatch's sums per unit weight
+                    sbar = {
+                        k: v if k in statistics.fixed else v / weight
+                        for k, v in statistics.collect(model, x, wresp).items()
+                    }
+                    gamma = float(self._gamma(t))
+                    if not 0 < gamma <= 1:
+                        raise ValueError(f"step_size gave gamma_{t} = {gamma}; keep it in (0, 1]")
+                    # s_t = (1 - gamma_t) s_{t-1} + gamma_t sbar_t
+                    running = (
+                        sbar
+                        if running is None
+                        else statistics.combine(running, sbar, 1.0 - gamma, gamma)
+                    )
+                    self.m_step_from(statistics, running)  # theta_t = theta(s_t)
+                self._check_finite()
+            if weight_sum == 0:
+                raise ValueError("the data have no rows; pass at least one non-empty chunk.")
+            lls.append(ll_sum / weight_sum)
+            if self.callback is not None:
+                self.callback(epoch, model)
+            bar.update(1)
+        bar.close()
+        return EMResult(
+            lls,
+            [],
+            False,
+            passes,
+            "stochastic" if statistics is not None else "minibatch SVI",
+            n_passes=passes,
+            approximate=True,
+        )
+
+    def _svi_step(self, optimizer, x, w, weight: float) -> None:
+        """One Adam step on the minibatch's negative bound per unit weight (guide refreshed)."""
+        optimizer.zero_grad()
+        loss = elbo_loss(self.model, self.guide, x, w) / weight
+        if not math.isfinite(float(loss.detach())):
+            raise ValueError(
+                "minibatch SVI produced a non-finite loss; lower learning_rate or scale the data."
+            )
+        loss.backward()
+        optimizer.step()

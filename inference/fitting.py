@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +19,11 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
+from .chunks import DEFAULT_CHUNK_SIZE, DataSource, InMemory, chunked_source, is_chunked
 from .gradient_m_step import gradient_m_step
 from .init import INIT_METHODS, initial_responsibilities
-from .registry import lookup_m_step, weights_m_step
+from .registry import weights_m_step
+from .statistics import SufficientStatistics, lookup_statistics
 
 
 @dataclass
@@ -48,6 +50,11 @@ class EMResult:
         Index of the kept initialisation.
     fit_time:
         Seconds spent in ``fit``, initialisations included.
+    n_passes:
+        Passes over the data (E-steps over every chunk) of the kept run.
+    approximate:
+        True for stochastic EM: ``log_likelihoods`` are then running averages of
+        log p(x_b) over each pass's minibatches, and ``lower_bounds`` is empty.
     """
 
     log_likelihoods: list[float]
@@ -58,6 +65,8 @@ class EMResult:
     init_lower_bounds: list[float] = field(default_factory=list)
     best_init: int = 0
     fit_time: float = 0.0
+    n_passes: int = 0
+    approximate: bool = False
 
     @property
     def log_likelihood(self) -> float:
@@ -134,6 +143,12 @@ class MixtureFitter:
     scheme = "fitting"
     #: L-BFGS iterations of a gradient M-step (starts of families with no closed form)
     gradient_max_iter = 20
+    #: whether ``fit`` accepts chunked data (lists of chunks, DataLoaders, .npy paths)
+    reads_chunks = False
+    #: rows per chunk read from a .npy file
+    chunk_size = DEFAULT_CHUNK_SIZE
+    #: whether one pass over the data is enough (a one-shot iterator is then accepted)
+    _single_pass = False
 
     def __init__(
         self,
@@ -166,45 +181,33 @@ class MixtureFitter:
         """Iterate from the model's current parameters; the scheme's own loop."""
         raise NotImplementedError
 
+    def _run_source(self, source: DataSource, desc: str) -> EMResult:
+        """Iterate over a data source; schemes that read chunks override this."""
+        return self._run(source.x, source.w, desc)
+
     def _closed_form(self) -> bool:
         """Whether M-steps (and the start) use the registered closed form."""
-        return lookup_m_step(type(self.model)) is not None
+        return lookup_statistics(type(self.model)) is not None
 
     # ------------------------------------------------------------------ public
     def fit(self, x, sample_weight=None) -> EMResult:
-        """Fit the model to ``x`` (N, D); returns an :class:`EMResult` (also ``result_``)."""
+        """Fit the model to ``x``; returns an :class:`EMResult` (also ``result_``).
+
+        ``x`` is a tensor or array (N, D), or -- for schemes that read data in chunks (EM) --
+        a list of 2-D chunks, a ``DataLoader``, or a path to a ``.npy`` file (see
+        :mod:`.chunks`). On an error the parameters of a model fitted before are restored.
+        """
         start = time.perf_counter()
-        model, guide = self.model, self.guide
-        warm = self.warm_start and model.is_built
-        x = model.validate_data(x, reset=not warm)
-        n, K = x.shape[0], model.n_components
-        if n < K:
-            raise ValueError(
-                f"x has {n} samples but the model has {K} components; "
-                f"pass at least {K} samples or use fewer components."
-            )
-        w = check_sample_weight(sample_weight, n, x.dtype)
-        rng = np.random.default_rng(self.seed)
-        n_init = 1 if warm or isinstance(self.init, dict) else self.n_init
-        best, best_state, finals = None, None, []
-        for i in range(n_init):
-            if not warm:
-                self._initialize(x, w, rng)
-            desc = f"{self.scheme} {i + 1}/{n_init}" if n_init > 1 else self.scheme
-            result = self._run(x, w, desc)
-            finals.append(result.lower_bound)
-            if best is None or result.lower_bound > best.lower_bound:
-                best, best_state = result, copy.deepcopy(model.state_dict())
-                best.best_init = i
-        # the guide ends as the posterior at the returned parameters
-        if best.best_init != n_init - 1:
-            model.load_state_dict(best_state)
-            guide.refresh(x, w)
-        else:
-            self._after_last_run(x, w)
-        best.init_lower_bounds = finals
+        model = self.model
+        saved = copy.deepcopy(model.state_dict()) if model.is_built else None
+        try:
+            best = self._fit(x, sample_weight)
+        except BaseException:
+            if saved is not None and model.is_built:
+                model.load_state_dict(saved)  # nothing half-fitted is left behind
+            raise
         best.fit_time = time.perf_counter() - start
-        if not best.converged:
+        if not best.converged and not best.approximate:
             warnings.warn(
                 f"{self.scheme} did not converge in max_iter={self.max_iter} iterations (last "
                 f"change above tol={self.tol:g}); raise max_iter or tol, or check the data.",
@@ -214,9 +217,111 @@ class MixtureFitter:
         self.result_ = best
         return best
 
+    def _fit(self, x, sample_weight) -> EMResult:
+        model, guide = self.model, self.guide
+        warm = self.warm_start and model.is_built
+        source = self._source(x, sample_weight, reset=not warm)
+        rng = np.random.default_rng(self.seed)
+        n_init = 1 if warm or isinstance(self.init, dict) else self.n_init
+        best, best_state, finals = None, None, []
+        for i in range(n_init):
+            if not warm:
+                self._initialize_from(source, rng)
+            desc = f"{self.scheme} {i + 1}/{n_init}" if n_init > 1 else self.scheme
+            result = self._run_source(source, desc)
+            finals.append(result.lower_bound)
+            if best is None or result.lower_bound > best.lower_bound:
+                best, best_state = result, copy.deepcopy(model.state_dict())
+                best.best_init = i
+        # the guide ends as the posterior at the returned parameters
+        if best.best_init != n_init - 1:
+            model.load_state_dict(best_state)
+            if source.in_memory:
+                guide.refresh(source.x, source.w)
+            else:
+                guide.refresh()
+        elif source.in_memory:
+            self._after_last_run(source.x, source.w)
+        best.init_lower_bounds = finals
+        return best
+
     def _after_last_run(self, x, w) -> None:
         """Bring the guide to the final parameters (EM's loop already did)."""
         self.guide.refresh(x, w)
+
+    def _source(self, x, sample_weight, reset: bool) -> DataSource:
+        """The data as a :class:`~.chunks.DataSource`; in-memory data are checked here."""
+        if not is_chunked(x):
+            x = self.model.validate_data(x, reset=reset)
+            n, K = x.shape[0], self.model.n_components
+            if n < K:
+                raise ValueError(
+                    f"x has {n} samples but the model has {K} components; "
+                    f"pass at least {K} samples or use fewer components."
+                )
+            return InMemory(x, check_sample_weight(sample_weight, n, x.dtype))
+        if not self.reads_chunks:
+            raise ValueError(
+                f"{self.scheme} needs the data in memory as one (N, D) tensor or array; "
+                "EM reads lists of chunks, DataLoaders and .npy files."
+            )
+        if sample_weight is not None:
+            raise ValueError(
+                "sample_weight goes with in-memory data; give chunked data as "
+                "(x_chunk, weight_chunk) pairs instead."
+            )
+        source = chunked_source(x, self.chunk_size)
+        if not source.reiterable and not self._single_pass:
+            raise ValueError(
+                f"{self.scheme} passes over the data once per iteration, so chunks must be "
+                "re-iterable: a list of arrays, a DataLoader or a .npy path, not a generator. "
+                "For data seen only once use EM(..., stochastic=True)."
+            )
+        return source
+
+    def _chunks(self, source: DataSource, first: tuple | None = None) -> Iterator[tuple]:
+        """One pass of validated chunks ``(x_i, w_i)``; ``first`` replaces the first one read.
+
+        Errors name the chunk and its first row, and keep the message's fix.
+        """
+        if source.in_memory:
+            yield source.x, source.w
+            return
+        row = 0
+        for i, (xc, wc) in enumerate(source.chunks()):
+            if i == 0 and first is not None:
+                xc, wc = first
+            else:
+                xc, wc = self._check_chunk(i, row, xc, wc, reset=False)
+            yield xc, wc
+            row += xc.shape[0]
+
+    def _check_chunk(self, i: int, row: int, xc, wc, reset: bool) -> tuple:
+        try:
+            xc = self.model.validate_data(xc, reset=reset)
+            wc = check_sample_weight(wc, xc.shape[0], xc.dtype)
+        except ValueError as error:
+            raise ValueError(f"chunk {i} (from row {row}): {error}") from None
+        return xc, wc
+
+    def _first_chunk(self, source: DataSource, reset: bool) -> tuple:
+        """The first chunk, checked (``reset``: it decides the feature count and dtype)."""
+        if source.in_memory:
+            return source.x, source.w
+        for xc, wc in source.chunks():
+            return self._check_chunk(0, 0, xc, wc, reset=reset)
+        raise ValueError("the data have no chunks; pass at least one non-empty chunk.")
+
+    def _initialize_from(self, source: DataSource, rng) -> None:
+        """Start on the first chunk (all the data when in memory)."""
+        x0, w0 = self._first_chunk(source, reset=True)
+        K = self.model.n_components
+        if x0.shape[0] < K and not isinstance(self.init, dict):
+            raise ValueError(
+                f"the first chunk has {x0.shape[0]} rows but the model has {K} components; "
+                f"the start is computed on the first chunk: make chunks of at least {K} rows."
+            )
+        self._initialize(x0, w0, rng)
 
     # ------------------------------------------------------------------ shared pieces
     def _initialize(self, x, w, rng) -> None:
@@ -236,11 +341,22 @@ class MixtureFitter:
             self._check_finite(restore=False)
 
     def _closed_form_m_step(self, x, w, resp) -> None:
-        """EM-MIX.3 for the components, then EM-MIX.2 for the weights."""
+        """EM-MIX.3 for the components, then EM-MIX.2 for the weights, from the data in memory.
+
+        Sums taken about a shift (Gaussian) are taken twice: about the current means, then
+        about the means the first update found, so the start keeps every digit too.
+        """
+        statistics = lookup_statistics(type(self.model))
         if w is not None:
             resp = resp * w.unsqueeze(-1)
-        nk = resp.sum(0) + 10 * torch.finfo(x.dtype).eps  # keeps an empty component finite
-        lookup_m_step(type(self.model))(self.model, x, resp, nk, self.reg_covar)
+        for _ in range(2 if statistics.fixed else 1):
+            self.m_step_from(statistics, statistics.collect(self.model, x, resp))
+
+    def m_step_from(self, statistics: SufficientStatistics, stats: dict) -> None:
+        """The closed-form M-step from summed statistics (EM-MIX.2/3)."""
+        nk = stats["nk"]
+        nk = nk + 10 * torch.finfo(nk.dtype).eps  # keeps an empty component finite
+        statistics.m_step(self.model, stats, nk, self.reg_covar)
         self.model.assign("weights", weights_m_step(nk))
 
     def _check_finite(self, restore: bool = True) -> None:

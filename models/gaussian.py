@@ -16,7 +16,6 @@ value the optimiser can reach is a valid covariance.
 from __future__ import annotations
 
 import math
-import weakref
 
 import pyro.distributions as dist
 import torch
@@ -53,29 +52,6 @@ def cholesky_or_raise(cov: torch.Tensor, covariance_type: str, floor: float = 0.
     ):
         raise singular_covariance_error(covariance_type)
     return L
-
-
-_FLOOR_CACHE: dict = {"x": None, "key": None, "floor": 0.0}
-
-
-def singular_floor(x: torch.Tensor) -> float:
-    """Variances below eps * (largest feature variance of x) are numerically singular.
-
-    Below it, the round-off in a component mean alone changes (x - mu)^2 / sigma^2 by
-    O(1): the likelihood is running off to a degenerate spike on a few points.
-    (Remembered for the last data tensor seen -- by weak reference, so a new tensor that
-    happens to reuse a freed one's address is never mistaken for it -- so EM computes it
-    once per fit.)
-    """
-    key = (x._version, tuple(x.shape), x.dtype)
-    cached = _FLOOR_CACHE["x"]
-    if cached is None or cached() is not x or _FLOOR_CACHE["key"] != key:
-        _FLOOR_CACHE.update(
-            x=weakref.ref(x),
-            key=key,
-            floor=float(torch.finfo(x.dtype).eps * x.var(0, unbiased=False).max()),
-        )
-    return _FLOOR_CACHE["floor"]
 
 
 #: Rows per block in the blocked computations below: (K, BLOCK, D) temporaries stay a few MB.

@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from elbolab.inference.closed_form import _centred_scatter
+from elbolab.inference.statistics import GaussianStatistics
 from elbolab.models.gaussian import BLOCK, ComponentMultivariateNormal
 
 N, K, D = BLOCK + 777, 4, 5
@@ -52,26 +52,39 @@ def test_other_shapes_fall_back_to_torch():
     assert torch.allclose(ours, dist.MultivariateNormal(loc[z], scale_tril=L[z]).log_prob(x))
 
 
-def test_blocked_scatter_equals_the_centred_sum():
+class _Model:
+    """Just what GaussianStatistics reads: K, the covariance type and the means."""
+
+    def __init__(self, means, covariance_type):
+        self.means, self.n_components, self.covariance_type = means, len(means), covariance_type
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_blocked_sums_give_the_centred_scatter(kind):
+    """Sums about a shift c_k, taken block by block, give sum_d r_dk (x_d - mu_k)(...)^T."""
     x, loc, _ = setup()
     resp = torch.rand(N, K, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     full = torch.stack([(resp[:, k, None] * (x - loc[k])).T @ (x - loc[k]) for k in range(K)])
-    assert torch.allclose(_centred_scatter(x, resp, loc, full=True), full, rtol=1e-10)
-    diag = torch.diagonal(full, dim1=-2, dim2=-1)
-    assert torch.allclose(_centred_scatter(x, resp, loc, full=False), diag, rtol=1e-10)
+    expected = full if kind == "full" else torch.diagonal(full, dim1=-2, dim2=-1)
+    shift = loc + 3.0  # sums about a point away from mu_k
+    stats = GaussianStatistics().collect(_Model(shift, kind), x, resp)
+    assert torch.allclose(GaussianStatistics._scatter(stats, loc), expected, rtol=1e-10)
+    # recentred about mu_k itself, s2 is the scatter and s1 vanishes at the weighted mean
+    means = stats["shift"] + stats["s1"] / stats["nk"].unsqueeze(-1)
+    moved = GaussianStatistics.recentre(stats, means)
+    direct = GaussianStatistics().collect(_Model(means, kind), x, resp)
+    assert torch.allclose(moved["s2"], direct["s2"], rtol=1e-10)
+    assert torch.allclose(moved["s1"], torch.zeros_like(moved["s1"]), atol=1e-9)
 
 
-def test_singular_floor_follows_the_data_tensor():
-    """The cached floor belongs to one tensor: another tensor (even one reusing a freed
-    address) or an in-place change gets its own."""
-    from elbolab.models.gaussian import singular_floor
-
+def test_singular_floor_is_eps_times_the_largest_feature_variance():
+    """From the sums alone (law of total variance): eps * max_j var(x_j)."""
+    x, loc, _ = setup()
+    x = x * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0], dtype=torch.float64)
+    resp = torch.softmax(torch.randn(N, K, dtype=torch.float64), -1)
+    stats = GaussianStatistics().collect(_Model(loc, "diag"), x, resp)
+    means = stats["shift"] + stats["s1"] / stats["nk"].unsqueeze(-1)
+    scatter = GaussianStatistics._scatter(stats, means)
+    floor = GaussianStatistics._singular_floor(stats, means, scatter)
     eps = torch.finfo(torch.float64).eps
-    a = torch.tensor([[0.0, 0.0], [2.0, 4.0]], dtype=torch.float64)  # variances 1, 4
-    assert singular_floor(a) == eps * 4.0
-    for scale in (10.0, 100.0):
-        b = a * scale  # a new tensor each time; CPython may reuse the old one's address
-        assert singular_floor(b) == pytest.approx(eps * 4.0 * scale**2)
-        del b
-    a.mul_(3.0)  # in place: the version changes
-    assert singular_floor(a) == pytest.approx(eps * 36.0)
+    assert floor == pytest.approx(eps * float(x.var(0, unbiased=False).max()), rel=1e-10)
