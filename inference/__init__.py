@@ -22,6 +22,7 @@ from .posterior import LabelReport, nuts_flags, relabel, to_inference_data
 from .priors import MixturePrior, lookup_prior, prior_for, register_prior
 from .registry import lookup_m_step, register_m_step, registered_families, weights_m_step
 from .schemes import SchemeFit, lookup_scheme, register_scheme, schemes_for
+from .statistics import SufficientStatistics, lookup_statistics, register_statistics
 from .svi import SVITrainer, TrainingDiverged, TrainResult
 
 __all__ = [
@@ -49,6 +50,9 @@ __all__ = [
     "lookup_m_step",
     "marginal_log_likelihood",
     "register_m_step",
+    "register_statistics",
+    "lookup_statistics",
+    "SufficientStatistics",
     "registered_families",
     "weights_m_step",
     "BayesianMixture",

@@ -217,6 +217,23 @@ class EM(MixtureFitter):
         """Nothing to do: the loop ends with an E-step at the final parameters."""
 
     # ------------------------------------------------------------------ distributed hooks
+    def _source(self, x, sample_weight, reset: bool) -> DataSource:
+        if not self.distributed:
+            return super()._source(x, sample_weight, reset)
+        from . import distributed as dist_ops
+
+        source, error = None, None
+        try:
+            source = super()._source(x, sample_weight, reset)
+        except ValueError as caught:
+            error = caught
+        dist_ops.agree(error, "checking each rank's shard")
+        return source
+
+    def _check_samples(self, n: int) -> None:
+        if not self.distributed:  # a shard may hold fewer rows than K; the total may not
+            super()._check_samples(n)
+
     def _initialize_from(self, source: DataSource, rng) -> None:
         if not self.distributed:
             return super()._initialize_from(source, rng)
@@ -224,10 +241,13 @@ class EM(MixtureFitter):
 
         error = None
         try:
-            super()._initialize_from(source, rng)
+            if dist_ops.rank() == 0:
+                super()._initialize_from(source, rng)
+            else:  # parameters of the right shapes; their values come from rank 0
+                self.model.build_for(self._first_chunk(source, reset=True)[0])
         except ValueError as caught:
             error = caught
-        dist_ops.agree(error, "the start (first chunk of each shard)")
+        dist_ops.agree(error, "the start (computed on rank 0's first chunk)")
         with dist_ops.collective("broadcasting the start from rank 0"):
             dist_ops.broadcast_module(self.model, src=0)
 
@@ -240,8 +260,8 @@ class EM(MixtureFitter):
         from . import distributed as dist_ops
 
         dist_ops.agree(error, what)
-        scalars = torch.tensor([e.log_lik, e.neg_entropy, e.weight, float(e.rows)])
-        tensors = dict(e.stats) | {"_scalars": scalars.to(torch.float64)}
+        scalars = torch.tensor([e.log_lik, e.neg_entropy, e.weight, e.rows], dtype=torch.float64)
+        tensors = dict(e.stats) | {"_scalars": scalars}
         fixed = lookup_statistics(type(self.model)).fixed
         with dist_ops.collective(what):
             dist_ops.all_reduce_sum(tensors, skip=fixed)

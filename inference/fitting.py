@@ -253,13 +253,8 @@ class MixtureFitter:
         """The data as a :class:`~.chunks.DataSource`; in-memory data are checked here."""
         if not is_chunked(x):
             x = self.model.validate_data(x, reset=reset)
-            n, K = x.shape[0], self.model.n_components
-            if n < K:
-                raise ValueError(
-                    f"x has {n} samples but the model has {K} components; "
-                    f"pass at least {K} samples or use fewer components."
-                )
-            return InMemory(x, check_sample_weight(sample_weight, n, x.dtype))
+            self._check_samples(x.shape[0])
+            return InMemory(x, check_sample_weight(sample_weight, x.shape[0], x.dtype))
         if not self.reads_chunks:
             raise ValueError(
                 f"{self.scheme} needs the data in memory as one (N, D) tensor or array; "
@@ -278,6 +273,14 @@ class MixtureFitter:
                 "For data seen only once use EM(..., stochastic=True)."
             )
         return source
+
+    def _check_samples(self, n: int) -> None:
+        K = self.model.n_components
+        if n < K:
+            raise ValueError(
+                f"x has {n} samples but the model has {K} components; "
+                f"pass at least {K} samples or use fewer components."
+            )
 
     def _chunks(self, source: DataSource, first: tuple | None = None) -> Iterator[tuple]:
         """One pass of validated chunks ``(x_i, w_i)``; ``first`` replaces the first one read.

@@ -1,0 +1,64 @@
+"""Run by tests/test_distributed_em.py in each of 2 processes (RANK, WORLD_SIZE set).
+
+argv: data.npy out.pt scenario. Each rank fits its half of the rows (read in chunks) with
+``EM(..., distributed=True)``; rank 0 saves the parameters and the result. Scenarios:
+``ok``; ``nan`` (rank 1's shard has a NaN in its second chunk); ``empty`` (rank 1 gets no
+rows); ``die`` (rank 1 exits in the middle of the run).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from elbolab.guides import ExactPosterior
+from elbolab.inference import EM
+from elbolab.inference import distributed as dist_ops
+from elbolab.models import GaussianMixture
+
+data_path, out_path, scenario = sys.argv[1:4]
+dist_ops.init(timeout_s=float(os.environ.get("TIMEOUT_S", "30")))
+rank, world = dist_ops.rank(), dist_ops.world_size()
+x = np.load(data_path, mmap_mode="r")
+n = len(x)
+shard = x[rank * n // world : (rank + 1) * n // world]
+if scenario == "nan" and rank == 1:
+    shard = np.array(shard)
+    shard[70, 1] = np.nan  # in the second chunk of 64 rows
+    shard = [shard[i : i + 64] for i in range(0, len(shard), 64)]
+if scenario == "empty" and rank == 1:
+    shard = x[:0]
+
+
+def callback(it, model):
+    if scenario == "die" and rank == 1 and it == 2:
+        os._exit(3)  # the process vanishes without a word to the others
+
+
+model = GaussianMixture(3)
+start = {"means": torch.tensor(np.asarray(x[:3]) + 0.5)}
+em = EM(
+    model,
+    ExactPosterior(model),
+    init=start,
+    tol=0.0,
+    max_iter=6,
+    chunk_size=64,
+    distributed=True,
+    progress=False,
+    callback=callback,
+)
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tol=0: fixed iterations
+        result = em.fit(shard)
+except Exception as error:  # report the class and message for the test to read
+    print(f"rank {rank} {type(error).__name__}: {error}", flush=True)
+    sys.exit(1)
+if rank == 0:
+    torch.save({"state": model.state_dict(), "lls": result.log_likelihoods}, out_path)
+dist_ops.shutdown()

@@ -1,0 +1,111 @@
+"""Exact EM on 2 processes (gloo on loopback) is EM on one process.
+
+Every rank reduces its shard to sums, ``all_reduce`` adds them, every rank takes the same
+M-step: parameters equal the one-process fit to 1e-10 in float64 (only the order of the
+sums differs). Bad input on one rank stops every rank with an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from elbolab.guides import ExactPosterior
+from elbolab.inference import EM
+from elbolab.models import GaussianMixture
+from families import sample_data
+
+WORKER = Path(__file__).with_name("dist_em_worker.py")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(data: Path, out: Path, scenario: str, timeout_s: float = 30):
+    """Start 2 ranks as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT); wait for both."""
+    port = _port()
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            TIMEOUT_S=str(timeout_s),
+            OMP_NUM_THREADS="1",
+        )
+        command = [sys.executable, str(WORKER), str(data), str(out), scenario]
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    outputs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout_s + 60)
+        outputs.append((p.returncode, stdout.decode() + stderr.decode()))
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dist") / "x.npy"
+    np.save(path, sample_data("gaussian-full", 400).numpy())
+    return path
+
+
+def test_two_processes_equal_one(data, tmp_path):
+    out = tmp_path / "fit.pt"
+    for code, text in _launch(data, out, "ok"):
+        assert code == 0, text
+    two = torch.load(out, weights_only=True)
+    x = torch.from_numpy(np.load(data))
+    model = GaussianMixture(3)
+    em = EM(model, ExactPosterior(model), init={"means": x[:3] + 0.5}, tol=0.0, max_iter=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        one = em.fit(x)
+    for name, value in model.state_dict().items():
+        assert torch.allclose(two["state"][name], value, rtol=1e-10, atol=1e-10), name
+    assert np.allclose(two["lls"], one.log_likelihoods, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "message"),
+    [
+        ("nan", r"failed on rank 1 of 2.*chunk 1 \(from row 64\).*NaN"),
+        ("empty", r"failed on rank 1 of 2.*empty"),
+    ],
+)
+def test_bad_input_on_one_rank_stops_every_rank(data, tmp_path, scenario, message):
+    out = tmp_path / "fit.pt"
+    outputs = _launch(data, out, scenario)
+    for rank, (code, text) in enumerate(outputs):
+        assert code == 1, text
+        assert f"rank {rank} DistributedInputError" in text
+        assert __import__("re").search(message, text), text
+    assert not out.exists()  # nothing written
+
+
+def test_a_rank_that_dies_stops_the_other_within_the_timeout(data, tmp_path):
+    out = tmp_path / "fit.pt"
+    started = time.perf_counter()
+    (code0, text0), (code1, _) = _launch(data, out, "die", timeout_s=10)
+    assert code1 == 3
+    assert code0 == 1 and "rank 0 RankFailure" in text0, text0
+    assert "timeout (10 s)" in text0
+    assert time.perf_counter() - started < 10 + 30  # the timeout, plus start-up
+    assert not out.exists()
