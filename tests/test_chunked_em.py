@@ -17,7 +17,6 @@ from elbolab.guides import ExactPosterior
 from elbolab.inference import EM, DirectML
 from elbolab.inference.statistics import GaussianStatistics, lookup_statistics
 from elbolab.models import GaussianMixture
-
 from families import FAMILIES, make_model, sample_data, true_params
 
 TOL = 1e-10
