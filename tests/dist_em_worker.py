@@ -58,6 +58,8 @@ try:
         result = em.fit(shard)
 except Exception as error:  # report the class and message for the test to read
     print(f"rank {rank} {type(error).__name__}: {error}", flush=True)
+    if not isinstance(error, dist_ops.RankFailure):  # a peer is gone: nothing to leave
+        dist_ops.shutdown()  # an open gloo group can abort the exit
     sys.exit(1)
 if rank == 0:
     torch.save({"state": model.state_dict(), "lls": result.log_likelihoods}, out_path)
