@@ -25,12 +25,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
+from ..models.vae import check_positive_int
 from .chunks import DEFAULT_CHUNK_SIZE, DataSource
 from .fitting import EMResult, MixtureFitter
 from .gradient_m_step import elbo_loss, gradient_m_step
@@ -54,12 +54,6 @@ class EPass:
     neg_entropy: float
     weight: float
     rows: int
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def check_step_size(step_size) -> Callable[[int], float]:
@@ -183,9 +177,9 @@ class EM(MixtureFitter):
             callback=callback,
         )
         self.m_step, self.gradient_max_iter = m_step, gradient_max_iter
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size, "rows read at a time")
         self.stochastic, self.distributed = bool(stochastic), bool(distributed)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = check_positive_int("batch_size", batch_size, "rows per minibatch")
         self.step_size = step_size
         self._gamma = check_step_size(step_size)
         if not learning_rate > 0:
