@@ -1,6 +1,7 @@
 """The blocked computations behind the Gaussian E- and M-steps equal the plain formulas.
 
 Exact paths in float64: 1e-10. N is above the block size so several blocks are summed.
+D runs over 1-3 (coordinates summed by a product with a block of ones) and 5 (by a reduction).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from elbolab.models.gaussian import BLOCK, ComponentMultivariateNormal
 N, K, D = BLOCK + 777, 4, 5
 
 
-def setup():
+def setup(D=D):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=g, dtype=torch.float64)
     loc = torch.randn(K, D, generator=g, dtype=torch.float64)
@@ -24,8 +25,9 @@ def setup():
     return x, loc, L
 
 
-def test_enumerated_log_prob_equals_torch():
-    x, loc, L = setup()
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_enumerated_log_prob_equals_torch(d):
+    x, loc, L = setup(d)
     ours = ComponentMultivariateNormal(loc.unsqueeze(1), scale_tril=L.unsqueeze(1))
     torchs = dist.MultivariateNormal(loc.unsqueeze(1), scale_tril=L.unsqueeze(1))
     assert torch.allclose(ours.log_prob(x), torchs.log_prob(x), rtol=1e-10, atol=1e-10)
@@ -34,8 +36,9 @@ def test_enumerated_log_prob_equals_torch():
     assert torch.allclose(expanded.log_prob(x), torchs.log_prob(x), rtol=1e-10, atol=1e-10)
 
 
-def test_enumerated_log_prob_gradient_equals_torch():
-    x, loc, L = setup()
+@pytest.mark.parametrize("d", [2, 5])
+def test_enumerated_log_prob_gradient_equals_torch(d):
+    x, loc, L = setup(d)
     grads = []
     for cls in (ComponentMultivariateNormal, dist.MultivariateNormal):
         mu, tril = loc.clone().requires_grad_(), L.clone().requires_grad_()
