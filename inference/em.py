@@ -38,6 +38,10 @@ from .registry import lookup_m_step
 from .statistics import lookup_statistics
 
 M_STEPS = ("auto", "closed-form", "gradient")
+#: (rows, K) entries per E-step block (2 MiB in float64). Temporaries of this size come back
+#: from the allocator already mapped; a whole (N, K) table per pass is mapped afresh each
+#: time, which costs more than the arithmetic (bench/bench_em_libraries.py, faults column).
+E_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -278,8 +282,12 @@ class EM(MixtureFitter):
         statistics = lookup_statistics(type(self.model)) if self._closed_form() else None
         total = EPass(None, 0.0, 0.0, 0.0, 0)
         error = None
+        # additive sums: each chunk in blocks of rows, so the (rows, K) temporaries of the
+        # E-step stay small and the allocator reuses them instead of mapping fresh memory
+        additive = statistics is not None and statistics.additive
+        block = max(1, E_BLOCK_ELEMENTS // self.model.n_components) if additive else None
         try:
-            for x, w in self._chunks(source):
+            for x, w in _row_blocks(self._chunks(source), block):
                 log_px, log_resp = self._e_step(x, w)
                 resp = log_resp.exp()
                 wresp = resp if w is None else resp * w.unsqueeze(-1)
@@ -461,3 +469,13 @@ class EM(MixtureFitter):
             )
         loss.backward()
         optimizer.step()
+
+
+def _row_blocks(chunks, block: int | None):
+    """Each (x, w) chunk cut into blocks of at most ``block`` rows (None: as it comes)."""
+    for x, w in chunks:
+        if block is None or x.shape[0] <= block:
+            yield x, w
+            continue
+        for start in range(0, x.shape[0], block):
+            yield x[start : start + block], None if w is None else w[start : start + block]

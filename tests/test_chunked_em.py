@@ -66,6 +66,21 @@ def test_chunked_em_equals_full_batch_em(family):
     assert chunked.n_passes == chunked.n_iter + 1  # one pass per E-step
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_e_step_in_row_blocks_equals_one_block(family, monkeypatch):
+    """Data in memory go through the E-step in blocks of rows: 50-row blocks give what one
+    block of all 700 rows gives, to 1e-10 (a lost or repeated block would change every sum)."""
+    import elbolab.inference.em as em_module
+
+    x = sample_data(family, 700)
+    K = make_model(family).n_components
+    monkeypatch.setattr(em_module, "E_BLOCK_ELEMENTS", 10**9)  # one block
+    whole_model, whole = _fit(family, x)
+    monkeypatch.setattr(em_module, "E_BLOCK_ELEMENTS", 50 * K)  # 14 blocks of 50 rows
+    blocked_model, blocked = _fit(family, x)
+    _assert_same(whole_model, blocked_model, whole, blocked)
+
+
 def test_dataloader_npy_and_memmap_equal_full_batch(tmp_path):
     """The same EM from a DataLoader, a .npy path (memory-mapped), and a numpy.memmap."""
     family = "gaussian-full"
