@@ -40,11 +40,13 @@ replaced by one line saying why.
 
 The ``faults`` column counts the minor page faults of each fit: fresh memory the kernel had to
 map. numpy asks for transparent huge pages (2 MB, one fault each) for its large arrays and
-torch by default does not (4 kB pages), so torch code (elbolab, pomegranate) takes far more
-faults for the same bytes. On a virtual machine that hands freed memory back to its host,
-first touches are slow (here ~0.4 GB/s against ~15 GB/s for memory already mapped), and much
-slower when other processes compete for the CPU; ``THP_MEM_ALLOC_ENABLE=1`` (a torch
-environment variable, read at start-up) makes torch ask for huge pages too. The script prints
+torch by default does not (4 kB pages), so torch code that allocates a fresh (N, K) table on
+every pass (pomegranate) takes far more faults for the same bytes; elbolab's E-step works in
+blocks of rows whose memory the allocator reuses, and takes few. On a virtual machine that
+hands freed memory back to its host, first touches are slow (here ~0.4 GB/s against ~15 GB/s
+for memory already mapped), and much slower when other processes compete for the CPU;
+``THP_MEM_ALLOC_ENABLE=1`` (a torch environment variable, read at start-up) makes torch ask
+for huge pages too. The script prints
 whether it is set, and the average load other processes put on the machine during the run.
 """
 

@@ -3,7 +3,7 @@
 Run ``python bench/bench_scale.py`` (N = 1,000,000 and N = 10,000,000) or with ``--quick``
 (N = 100,000 and 1,000,000: a smoke run). D = 10, K = 10, full covariances, float64.
 
-Each mode runs in its own fresh process, so its peak resident memory (``ru_maxrss``, the
+Each mode runs in its own fresh process, so its peak resident memory (``VmHWM``, the
 high-water mark of the whole process: Python, torch and the data) is its own:
 
 full       the data loaded into one (N, D) tensor, ``EM(...).fit(x)``
@@ -69,6 +69,19 @@ def shared_start(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------- one mode
 def peak_rss_mib() -> float:
+    """Peak resident memory of this process's own address space, in MiB.
+
+    ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` is no good in a child started by
+    ``subprocess``, since Linux folds the parent's high-water mark into it at ``exec``
+    (here the parent has just written the data file through a memmap).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
