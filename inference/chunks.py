@@ -46,6 +46,10 @@ class DataSource:
         """Raw (unvalidated) chunks ``(x_i, w_i)`` of one pass over the data."""
         raise NotImplementedError  # pragma: no cover - interface
 
+    def first(self) -> tuple[object, object | None] | None:
+        """The first raw chunk (None if there is none), still part of the next pass."""
+        return next(iter(self.chunks()), None)
+
     @property
     def in_memory(self) -> bool:
         return self.x is not None
@@ -111,13 +115,35 @@ class Chunks(DataSource):
     def __init__(self, iterable: Iterable) -> None:
         self.iterable = iterable
         self.reiterable = iter(iterable) is not iterable
+        self._held: list = []  # a one-shot iterator's first item, read early by first()
+
+    def first(self):
+        if self.reiterable:
+            return super().first()
+        if not self._held:
+            self._held = _take_one(self.iterable)
+        return _split(self._held[0]) if self._held else None
 
     def chunks(self):
+        held, self._held = self._held, []
+        for item in held:  # the item first() read comes first in the pass
+            yield _split(item)
         for item in self.iterable:
-            if isinstance(item, (tuple, list)) and len(item) in (1, 2) and _is_matrix(item[0]):
-                yield item[0], item[1] if len(item) == 2 else None
-            else:
-                yield item, None
+            yield _split(item)
+
+
+def _take_one(iterator: Iterator) -> list:
+    """[the next item] or [] when the iterator is exhausted."""
+    for item in iterator:
+        return [item]
+    return []
+
+
+def _split(item) -> tuple[object, object | None]:
+    """A chunk ``x`` or ``(x,)`` or ``(x, w)`` as ``(x, w)``."""
+    if isinstance(item, (tuple, list)) and len(item) in (1, 2) and _is_matrix(item[0]):
+        return item[0], item[1] if len(item) == 2 else None
+    return item, None
 
 
 def _is_matrix(value) -> bool:

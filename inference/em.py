@@ -21,6 +21,7 @@ averages over minibatches (Cappe & Moulines 2009): approximate, but one pass can
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,8 +103,9 @@ class EM(MixtureFitter):
         rows, the running sums s_t = (1 - gamma_t) s_{t-1} + gamma_t sbar(x_b; theta_{t-1})
         (per-datum averages) are updated and theta_t is their closed-form M-step (Cappe &
         Moulines 2009). Families without closed-form sums take minibatch SVI steps instead
-        (Adam on Pyro's ``TraceEnum_ELBO`` with the guide refreshed on each minibatch, the
-        bound per datum: the ``pyro.plate`` subsample scaling N/B divided by N).
+        (Adam on Pyro's ``TraceEnum_ELBO`` with the guide refreshed on each minibatch; for
+        data in memory the model's ``"data"`` plate is subsampled, ``total_size=N``, so
+        Pyro scales the minibatch ELBO by N / B, and the loss is that over the total weight).
         ``max_iter`` passes are made over the data (one if it is a one-shot iterator).
     batch_size:
         Minibatch size of stochastic EM.
@@ -269,10 +271,13 @@ class EM(MixtureFitter):
         return EPass(tensors, ll, neg_entropy, weight, int(rows))
 
     # ------------------------------------------------------------------ the E-step pass
-    def _e_step(self, x, w):
-        """E-step on one chunk: refresh the guide, return log p(x_d, z = k) (n, K) and r_dk."""
-        self.guide.refresh(x, w)  # (EM-1 step 1)
-        log_joint = self.guide.joint(x, w).log_joint.transpose(-1, -2)  # (n, K)
+    def _e_step(self, x, w, **plate):
+        """E-step on one chunk: refresh the guide, return log p(x_d) (n,) and log r_dk (n, K).
+
+        ``plate``: ``total_size=N`` when ``x`` is a minibatch the model's plate subsamples.
+        """
+        self.guide.refresh(x, w, **plate)  # (EM-1 step 1)
+        log_joint = self.guide.joint(x, w, **plate).log_joint.transpose(-1, -2)  # (n, K)
         log_px = log_joint.logsumexp(-1)  # log p(x_d)
         log_resp = log_joint - log_px.unsqueeze(-1)  # log r_dk (EM-MIX.1)
         return log_px, log_resp
@@ -405,8 +410,13 @@ class EM(MixtureFitter):
         if statistics is not None and not statistics.additive:
             statistics.combine({}, {}, 0.5, 0.5)  # raises the error that says what to do
         optimizer = None
+        plate, total_weight = {}, None
         if statistics is None:
             optimizer = torch.optim.Adam(list(model.parameters()), lr=self.learning_rate)
+            takes_total = "total_size" in inspect.signature(model.forward).parameters
+            if source.in_memory and takes_total:  # N known: Pyro's plate scales by N / B
+                plate = {"total_size": source.x.shape[0]}
+                total_weight = float(source.x.shape[0] if source.w is None else source.w.sum())
         generator = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
         passes = self.max_iter if source.reiterable else 1
         if self.callback is not None:
@@ -417,12 +427,12 @@ class EM(MixtureFitter):
             ll_sum, weight_sum = 0.0, 0.0
             for x, w in self._minibatches(source, generator):
                 t += 1
-                log_px, log_resp = self._e_step(x, w)  # at theta_{t-1}
+                log_px, log_resp = self._e_step(x, w, **plate)  # at theta_{t-1}
                 weight = float(x.shape[0] if w is None else w.sum())
                 ll_sum += float(log_px.sum() if w is None else (log_px * w).sum())
                 weight_sum += weight
                 if statistics is None:
-                    self._svi_step(optimizer, x, w, weight)
+                    self._svi_step(optimizer, x, w, total_weight if plate else weight, plate)
                 else:
                     resp = log_resp.exp()
                     wresp = resp if w is None else resp * w.unsqueeze(-1)
@@ -459,10 +469,16 @@ class EM(MixtureFitter):
             approximate=True,
         )
 
-    def _svi_step(self, optimizer, x, w, weight: float) -> None:
-        """One Adam step on the minibatch's negative bound per unit weight (guide refreshed)."""
+    def _svi_step(self, optimizer, x, w, weight: float, plate: dict) -> None:
+        """One Adam step on the minibatch's estimate of the bound per unit weight.
+
+        Data in memory (``plate = {"total_size": N}``): the model's ``"data"`` plate is
+        subsampled, so Pyro scales the minibatch ELBO by N / B, an unbiased estimate of the
+        ELBO of all N rows, and ``weight`` is the total weight of the data. A stream (N
+        unknown, ``plate = {}``): the minibatch's ELBO over its own weight.
+        """
         optimizer.zero_grad()
-        loss = elbo_loss(self.model, self.guide, x, w) / weight
+        loss = elbo_loss(self.model, self.guide, x, w, **plate) / weight
         if not math.isfinite(float(loss.detach())):
             raise ValueError(
                 "minibatch SVI produced a non-finite loss; lower learning_rate or scale the data."

@@ -311,9 +311,10 @@ class MixtureFitter:
         """The first chunk, checked (``reset``: it decides the feature count and dtype)."""
         if source.in_memory:
             return source.x, source.w
-        for xc, wc in source.chunks():
-            return self._check_chunk(0, 0, xc, wc, reset=reset)
-        raise ValueError("the data have no chunks; pass at least one non-empty chunk.")
+        first = source.first()  # a one-shot iterator keeps it for the first pass
+        if first is None:
+            raise ValueError("the data have no chunks; pass at least one non-empty chunk.")
+        return self._check_chunk(0, 0, *first, reset=reset)
 
     def _initialize_from(self, source: DataSource, rng) -> None:
         """Start on the first chunk (all the data when in memory)."""

@@ -16,10 +16,16 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 
 
-def elbo_loss(model, guide, x, sample_weight=None, max_plate_nesting: int = 1) -> torch.Tensor:
-    """-sum_d w_d LB_d(q_d, theta) from Pyro's ``TraceEnum_ELBO`` (differentiable in theta)."""
+def elbo_loss(
+    model, guide, x, sample_weight=None, max_plate_nesting: int = 1, **plate
+) -> torch.Tensor:
+    """-sum_d w_d LB_d(q_d, theta) from Pyro's ``TraceEnum_ELBO`` (differentiable in theta).
+
+    ``plate``: ``total_size=N`` when ``x`` is a minibatch of B rows; the model's subsampled
+    plate then scales the sum by N / B.
+    """
     elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting)
-    return elbo.differentiable_loss(model, guide, x, sample_weight)
+    return elbo.differentiable_loss(model, guide, x, sample_weight, **plate)
 
 
 def gradient_m_step(

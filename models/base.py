@@ -243,16 +243,35 @@ class MixtureModel(PyroModule):
         return t
 
     # ------------------------------------------------------------------ the Pyro program
-    def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        sample_weight: torch.Tensor | None = None,
+        total_size: int | None = None,
+    ):
         """The Pyro program p(z) p(x | z) for observed ``x`` of shape (N, D).
 
         ``sample_weight`` (shape (N,)) scales each data point's log-density.
+        ``total_size``: when ``x`` is a minibatch of B rows out of N = ``total_size``, the
+        ``"data"`` plate is subsampled (``pyro.plate("data", N, subsample=...)``), so Pyro
+        scales every log-density by N / B and the minibatch ELBO is an unbiased estimate
+        of the ELBO of all N rows.
         """
-        return self._program(x.shape[0], x, sample_weight)
+        return self._program(x.shape[0], x, sample_weight, total_size)
 
-    def _program(self, n: int, x: torch.Tensor | None, sample_weight=None):
+    def _program(self, n: int, x: torch.Tensor | None, sample_weight=None, total_size=None):
         params = self._component_params()
-        with pyro.plate("data", n, dim=-1):
+        if total_size is None:
+            plate = pyro.plate("data", n, dim=-1)
+        else:
+            if int(total_size) < n:
+                raise ValueError(
+                    f"total_size={total_size} is smaller than the minibatch of {n} rows; pass "
+                    "the number of rows of the whole data set (or None for no subsampling)."
+                )
+            rows = torch.arange(n)  # which rows does not matter to the scale N / B
+            plate = pyro.plate("data", int(total_size), subsample=rows, dim=-1)
+        with plate:
             with poutine.scale(scale=1.0 if sample_weight is None else sample_weight):
                 # logits: the (N, K) expansion inside the plate then needs no log per row
                 z = pyro.sample(self.latent_site, dist.Categorical(logits=self.weights.log()))
