@@ -50,6 +50,13 @@ class DataSource:
         """The first raw chunk (None if there is none), still part of the next pass."""
         return next(iter(self.chunks()), None)
 
+    #: rows, when any row can be read directly (:meth:`rows`); None otherwise
+    n_rows: int | None = None
+
+    def rows(self, index: np.ndarray) -> tuple[object, object | None]:
+        """Raw rows ``index`` (sorted, over the whole data) as ``(x, w)``."""
+        raise NotImplementedError  # pragma: no cover - only where n_rows is set
+
     @property
     def in_memory(self) -> bool:
         return self.x is not None
@@ -85,12 +92,28 @@ class NpyFile(DataSource):
                 raise ValueError(
                     f"{path} is not a readable .npy array ({error}); write it with numpy.save"
                 ) from None
+            if not isinstance(self.array, np.ndarray):  # an .npz archive of several arrays
+                self.array.close()
+                raise ValueError(
+                    f"{path} is an .npz archive, not one array; save the array to fit with "
+                    "numpy.save(path, x) as a .npy file (an archive cannot be memory-mapped)"
+                )
         if self.array.ndim != 2:
             raise ValueError(
                 f"the array in the file must be 2-D (n_samples, n_features), got shape "
                 f"{self.array.shape}; save it reshaped, e.g. x.reshape(len(x), -1)."
             )
         self.chunk_size = chunk_size
+        self.n_rows = self.array.shape[0]
+        self._gathered = 0
+
+    def rows(self, index):
+        block = np.asarray(self.array[index])  # fancy indexing: a private copy
+        self._gathered += len(index)
+        if self._gathered >= self.chunk_size:  # the pages touched so far: about one chunk
+            _release_pages(self.array)
+            self._gathered = 0
+        return torch.from_numpy(block), None
 
     def chunks(self):
         n = self.array.shape[0]
@@ -116,6 +139,26 @@ class Chunks(DataSource):
         self.iterable = iterable
         self.reiterable = iter(iterable) is not iterable
         self._held: list = []  # a one-shot iterator's first item, read early by first()
+        if isinstance(iterable, (list, tuple)):  # all in memory: any row can be read
+            self._parts = [_split(item) for item in iterable]
+            try:
+                self._offsets = np.cumsum([0] + [len(x) for x, _ in self._parts])
+                self.n_rows = int(self._offsets[-1])
+            except TypeError:  # not arrays: the checks of the first pass will say so
+                self.n_rows = None
+
+    def rows(self, index):
+        """Rows of several chunks: each chunk's share of ``index``, concatenated."""
+        cut = np.searchsorted(index, self._offsets)  # index[cut[i]:cut[i+1]] lie in chunk i
+        xs, ws = [], []
+        for i, (x, w) in enumerate(self._parts):
+            local = index[cut[i] : cut[i + 1]] - self._offsets[i]
+            if len(local):
+                take = torch.as_tensor(local)
+                xs.append(x[take] if torch.is_tensor(x) else torch.as_tensor(np.asarray(x)[local]))
+                ws.append(torch.ones(len(local)) if w is None else torch.as_tensor(w)[take])
+        weighted = any(w is not None for _, w in self._parts)
+        return torch.cat(xs), torch.cat([w.double() for w in ws]) if weighted else None
 
     def first(self):
         if self.reiterable:
@@ -141,13 +184,18 @@ def _take_one(iterator: Iterator) -> list:
 
 def _split(item) -> tuple[object, object | None]:
     """A chunk ``x`` or ``(x,)`` or ``(x, w)`` as ``(x, w)``."""
-    if isinstance(item, (tuple, list)) and len(item) in (1, 2) and _is_matrix(item[0]):
+    if _is_pair(item):
         return item[0], item[1] if len(item) == 2 else None
     return item, None
 
 
 def _is_matrix(value) -> bool:
     return isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 2
+
+
+def _is_pair(item) -> bool:
+    """``(x,)`` or ``(x, w)`` with a 2-D ``x``."""
+    return isinstance(item, (tuple, list)) and len(item) in (1, 2) and _is_matrix(item[0])
 
 
 def is_chunked(data) -> bool:
@@ -157,7 +205,13 @@ def is_chunked(data) -> bool:
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return False
     if isinstance(data, (list, tuple)):
-        return len(data) > 0 and all(_is_matrix(item) for item in data)
+        if len(data) == 0:
+            return False
+        if all(_is_matrix(item) or _is_pair(item) for item in data):
+            return True
+        # arrays of different shapes are no (N, D) array: read them as chunks (and say why not)
+        arrays = all(isinstance(item, (torch.Tensor, np.ndarray)) for item in data)
+        return arrays and len({tuple(item.shape) for item in data}) > 1
     if isinstance(data, torch.utils.data.DataLoader):
         return True
     return isinstance(data, Iterable) and not hasattr(data, "__array__")

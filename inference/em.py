@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -65,7 +67,7 @@ def check_step_size(step_size) -> Callable[[int], float]:
     """gamma_t of stochastic EM: ``t ** -step_size`` for a float in (0.5, 1], or a callable."""
     if callable(step_size):
         return step_size
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+    if isinstance(step_size, (bool, np.bool_)) or not isinstance(step_size, numbers.Real):
         raise ValueError(f"step_size must be a float in (0.5, 1] or a callable, got {step_size!r}")
     if not 0.5 < step_size <= 1:
         raise ValueError(
@@ -91,7 +93,8 @@ class EM(MixtureFitter):
         ``"auto"`` (closed form where one is registered for the model's family, gradient
         otherwise), ``"closed-form"`` or ``"gradient"``.
     tol:
-        Stop when the mean per-sample bound changes by less than ``tol``.
+        Stop when the mean per-sample bound changes by less than ``tol`` (stochastic EM:
+        when the average of log p(x_d) over a pass does).
     max_iter:
         Maximum number of EM iterations per initialisation (stochastic EM: passes).
     gradient_max_iter:
@@ -106,7 +109,10 @@ class EM(MixtureFitter):
         (Adam on Pyro's ``TraceEnum_ELBO`` with the guide refreshed on each minibatch; for
         data in memory the model's ``"data"`` plate is subsampled, ``total_size=N``, so
         Pyro scales the minibatch ELBO by N / B, and the loss is that over the total weight).
-        ``max_iter`` passes are made over the data (one if it is a one-shot iterator).
+        ``max_iter`` passes at most are made over the data (one if it is a one-shot
+        iterator). Minibatches are drawn at random from all the data when any row can be
+        read (in memory, a list of chunks, a ``.npy`` file); a ``DataLoader`` or a stream
+        is read in its own order (shuffled within each chunk), so give it in random order.
     batch_size:
         Minibatch size of stochastic EM.
     step_size:
@@ -340,9 +346,12 @@ class EM(MixtureFitter):
         model, closed = self.model, self._closed_form()
         if not closed and not source.in_memory:
             raise ValueError(
-                f"EM over chunks needs a closed-form M-step, and {type(model).__name__} has "
-                "none; register its sufficient statistics (register_statistics) or pass the "
-                "data in memory for the gradient M-step."
+                "EM over chunks needs the closed-form M-step; the gradient M-step needs the "
+                "data in memory as one tensor (or use m_step='auto')."
+                if self.m_step == "gradient"
+                else f"EM over chunks needs a closed-form M-step, and {type(model).__name__} "
+                "has none; register its sufficient statistics (register_statistics) or pass "
+                "the data in memory for the gradient M-step."
             )
         statistics = lookup_statistics(type(model)) if closed else None
         if self.callback is not None:
@@ -391,7 +400,9 @@ class EM(MixtureFitter):
 
     # ------------------------------------------------------------------ stochastic EM
     def _minibatches(self, source: DataSource, generator: torch.Generator):
-        """Minibatches of ``batch_size`` rows: shuffled when in memory, in order otherwise."""
+        """Minibatches of ``batch_size`` rows drawn at random from all the data where any row
+        can be read (in memory, a list of chunks, a ``.npy`` file); otherwise (a
+        ``DataLoader``, a stream) in the order given, shuffled within each chunk."""
         B = self.batch_size
         if source.in_memory:
             order = torch.randperm(source.x.shape[0], generator=generator)
@@ -399,9 +410,17 @@ class EM(MixtureFitter):
                 idx = order[start : start + B]
                 yield source.x[idx], None if source.w is None else source.w[idx]
             return
+        if source.n_rows is not None:
+            order = torch.randperm(source.n_rows, generator=generator).numpy()
+            for start in range(0, order.shape[0], B):
+                idx = np.sort(order[start : start + B])  # sorted: one sweep over the file
+                yield self._check_chunk(start // B, int(idx[0]), *source.rows(idx), reset=False)
+            return
         for x, w in self._chunks(source):
+            order = torch.randperm(x.shape[0], generator=generator)
             for start in range(0, x.shape[0], B):
-                yield x[start : start + B], None if w is None else w[start : start + B]
+                idx = order[start : start + B]
+                yield x[idx], None if w is None else w[idx]
 
     def _run_stochastic(self, source: DataSource, desc: str) -> EMResult:
         """Cappe & Moulines online EM, or minibatch SVI without closed-form sums."""
@@ -419,13 +438,18 @@ class EM(MixtureFitter):
                 total_weight = float(source.x.shape[0] if source.w is None else source.w.sum())
         generator = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
         passes = self.max_iter if source.reiterable else 1
+        if source.n_rows is not None and not source.in_memory:
+            for _ in self._chunks(source):  # every chunk checked once, errors naming it
+                pass
         if self.callback is not None:
             self.callback(0, model)
-        running, t, lls = None, 0, []
+        running, t, lls, converged = None, 0, [], False
         bar = tqdm(total=passes, desc=desc, delay=1.0, disable=not self.progress, leave=False)
         for epoch in range(1, passes + 1):
             ll_sum, weight_sum = 0.0, 0.0
             for x, w in self._minibatches(source, generator):
+                if x.shape[0] == 0:  # every row of it had weight 0
+                    continue
                 t += 1
                 log_px, log_resp = self._e_step(x, w, **plate)  # at theta_{t-1}
                 weight = float(x.shape[0] if w is None else w.sum())
@@ -458,14 +482,18 @@ class EM(MixtureFitter):
             if self.callback is not None:
                 self.callback(epoch, model)
             bar.update(1)
+            # the pass averages of log p(x_d) (each at the theta of its minibatch) settle
+            if len(lls) > 1 and abs(lls[-1] - lls[-2]) < self.tol:
+                converged = True
+                break
         bar.close()
         return EMResult(
             lls,
             [],
-            False,
-            passes,
+            converged,
+            len(lls),
             "stochastic" if statistics is not None else "minibatch SVI",
-            n_passes=passes,
+            n_passes=len(lls),
             approximate=True,
         )
 

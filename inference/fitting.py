@@ -98,6 +98,17 @@ def check_sample_weight(sample_weight, n: int, dtype: torch.dtype) -> torch.Tens
     return w
 
 
+def drop_zero_weights(x: torch.Tensor, w: torch.Tensor | None) -> tuple:
+    """Rows of weight 0 contribute nothing to any sum or bound: leave them out.
+
+    (Pyro's ``poutine.scale`` takes positive scales only.)
+    """
+    if w is None or bool((w > 0).all()):
+        return x, w
+    keep = w > 0
+    return x[keep], w[keep]
+
+
 def check_fit_options(*, tol, max_iter: int, n_init: int, reg_covar) -> None:
     """``ValueError`` with the fix for options every EM-like fitter shares."""
     for name, value in (("max_iter", max_iter), ("n_init", n_init)):
@@ -253,8 +264,10 @@ class MixtureFitter:
         """The data as a :class:`~.chunks.DataSource`; in-memory data are checked here."""
         if not is_chunked(x):
             x = self.model.validate_data(x, reset=reset)
+            w = check_sample_weight(sample_weight, x.shape[0], x.dtype)
+            x, w = drop_zero_weights(x, w)
             self._check_samples(x.shape[0])
-            return InMemory(x, check_sample_weight(sample_weight, x.shape[0], x.dtype))
+            return InMemory(x, w)
         if not self.reads_chunks:
             raise ValueError(
                 f"{self.scheme} needs the data in memory as one (N, D) tensor or array; "
@@ -269,8 +282,18 @@ class MixtureFitter:
         if not source.reiterable and not self._single_pass:
             raise ValueError(
                 f"{self.scheme} passes over the data once per iteration, so chunks must be "
-                "re-iterable: a list of arrays, a DataLoader or a .npy path, not a generator. "
-                "For data seen only once use EM(..., stochastic=True)."
+                "re-iterable: a list of arrays, a DataLoader or a .npy path, not a generator."
+                + (
+                    ""
+                    if getattr(self, "distributed", False)
+                    else " For data seen only once use stochastic=True."
+                )
+            )
+        n_init = 1 if isinstance(self.init, dict) else self.n_init
+        if not source.reiterable and n_init > 1:
+            raise ValueError(
+                f"a one-shot iterator can be read once, and n_init={n_init} asks for a pass "
+                "per start; pass n_init=1, or re-iterable chunks (a list, a .npy path)."
             )
         return source
 
@@ -302,10 +325,17 @@ class MixtureFitter:
     def _check_chunk(self, i: int, row: int, xc, wc, reset: bool) -> tuple:
         try:
             xc = self.model.validate_data(xc, reset=reset)
+            if wc is not None and not _is_floating(wc):
+                raise ValueError(
+                    f"the second item of each chunk is read as sample weights, and this one "
+                    f"holds {getattr(wc, 'dtype', type(wc).__name__)} values (class labels?). "
+                    "EM is unsupervised: give chunks of x alone, e.g. "
+                    "DataLoader(TensorDataset(x)), or float weights."
+                )
             wc = check_sample_weight(wc, xc.shape[0], xc.dtype)
         except ValueError as error:
             raise ValueError(f"chunk {i} (from row {row}): {error}") from None
-        return xc, wc
+        return drop_zero_weights(xc, wc)
 
     def _first_chunk(self, source: DataSource, reset: bool) -> tuple:
         """The first chunk, checked (``reset``: it decides the feature count and dtype)."""
@@ -322,8 +352,9 @@ class MixtureFitter:
         K = self.model.n_components
         if x0.shape[0] < K and not isinstance(self.init, dict):
             raise ValueError(
-                f"the first chunk has {x0.shape[0]} rows but the model has {K} components; "
-                f"the start is computed on the first chunk: make chunks of at least {K} rows."
+                f"the first chunk has {x0.shape[0]} rows but the model has {K} components, and "
+                f"the start is computed on the first chunk: make chunks of at least {K} rows "
+                "(chunk_size for a .npy file), or use fewer components."
             )
         self._initialize(x0, w0, rng)
 
@@ -372,3 +403,11 @@ class MixtureFitter:
             f"{self.scheme} produced non-finite parameters; the last finite parameters were "
             "kept. Raise reg_covar or scale the data."
         )
+
+
+def _is_floating(values) -> bool:
+    """Whether weights given in a chunk are floating point (not labels or counts of a loader)."""
+    dtype = getattr(values, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    return np.issubdtype(np.asarray(values).dtype if dtype is None else dtype, np.floating)

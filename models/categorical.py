@@ -71,10 +71,15 @@ class CategoricalMixture(MixtureModel):
             and (fitted or self._fixed_categories)
             and bool((x >= self.n_categories).any())
         ):
+            seen = "" if self._fixed_categories else ", counted on the first data (chunk) seen"
             raise ValueError(
                 f"category {int(x.max())} is out of range for n_categories="
-                f"{self.n_categories} (codes must be 0..{self.n_categories - 1}); "
-                "create the model with a larger n_categories."
+                f"{self.n_categories} (codes must be 0..{self.n_categories - 1}{seen}); "
+                + (
+                    "create the model with a larger n_categories."
+                    if self._fixed_categories
+                    else "create the model with n_categories set to the number of categories."
+                )
             )
 
     def _n_component_parameters(self) -> int:

@@ -213,5 +213,56 @@ def test_small_first_chunk_and_other_misuse():
     with pytest.raises(ValueError, match="needs the data in memory"):
         DirectML(model, progress=False).fit([x[:150], x[150:]])
     _, gradient = _em(m_step="gradient")
-    with pytest.raises(ValueError, match="over chunks needs a closed-form M-step"):
+    with pytest.raises(ValueError, match="gradient M-step needs the data in memory"):
         gradient.fit([x[:150], x[150:]])
+
+
+def test_zero_weights_leave_rows_out():
+    """Weight 0 is allowed (Pyro's scale is not: those rows are left out), in memory and in
+    chunks: the fit equals the fit to the other rows alone, to 1e-10."""
+    family = "gaussian-full"
+    x = sample_data(family, 600)
+    w = torch.ones(600, dtype=torch.float64)
+    w[::7] = 0.0
+    kept_model, kept = _fit(family, x[w > 0])
+    for data, weights in ((x, w), ([(x[:300], w[:300]), (x[300:], w[300:])], None)):
+        model = make_model(family)
+        em = EM(
+            model, ExactPosterior(model), init=_start(family), max_iter=8, tol=0.0, progress=False
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            result = em.fit(data, sample_weight=weights)
+        _assert_same(kept_model, model, kept, result)
+
+
+def test_lists_of_pairs_and_what_is_refused(tmp_path):
+    """A list of (x, w) pairs is read as weighted chunks (1e-10 against the weighted fit);
+    labels from a DataLoader of (x, y), ragged 1-D arrays and .npz archives are refused
+    with what to do instead."""
+    family = "gaussian-full"
+    x = sample_data(family, 400)
+    w = torch.linspace(0.5, 1.5, 400, dtype=torch.float64)
+    model_a = make_model(family)
+    em_a = EM(
+        model_a, ExactPosterior(model_a), init=_start(family), max_iter=8, tol=0.0, progress=False
+    )
+    model_b = make_model(family)
+    em_b = EM(
+        model_b, ExactPosterior(model_b), init=_start(family), max_iter=8, tol=0.0, progress=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ra = em_a.fit(x, sample_weight=w)
+        rb = em_b.fit([(x[:123], w[:123]), (x[123:].numpy(), w[123:].numpy())])
+    _assert_same(model_a, model_b, ra, rb)
+    _, em = _em()
+    labels = torch.arange(400) % 3
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=100)
+    with pytest.raises(ValueError, match=r"chunk 0 \(from row 0\).*class labels\?"):
+        em.fit(loader)
+    with pytest.raises(ValueError, match="chunk 0 .*2-D"):
+        em.fit([x[:100, 0], x[100:, 0]])
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    with pytest.raises(ValueError, match="is an .npz archive"):
+        em.fit(tmp_path / "x.npz")

@@ -192,3 +192,46 @@ def test_minibatch_svi_subsamples_the_plate_when_n_is_known(data, monkeypatch):
     stream = (data[i : i + 5000] for i in range(0, N, 5000))
     EM(model, ExactPosterior(model), progress=False, **options).fit(stream)
     assert seen == [None] * 4
+
+
+def test_sorted_file_and_list_give_the_in_memory_minibatches(data, tmp_path):
+    """Rows sorted along x_0 (the worst order for online EM): from a .npy file or a list of
+    chunks, the minibatches are drawn at random from all rows, the same draws as for the
+    tensor in memory, so the fits agree to 1e-10 (only the order inside a minibatch differs)."""
+    import numpy as np
+
+    x = data[data[:, 0].argsort()]
+    np.save(tmp_path / "sorted.npy", x.numpy())
+    start = {"weights": [1 / 3] * 3, "means": x[[0, N // 2, N - 1]], "covariances": torch.eye(2)}
+    start["covariances"] = start["covariances"].to(torch.float64).expand(3, 2, 2)
+    fits = []
+    for source in (x, tmp_path / "sorted.npy", [x[i : i + 3000] for i in range(0, N, 3000)]):
+        model = GaussianMixture(3)
+        options = dict(stochastic=True, batch_size=200, max_iter=2, tol=0.0, chunk_size=2000)
+        EM(model, ExactPosterior(model), init=start, seed=0, progress=False, **options).fit(source)
+        fits.append(model)
+    for other in fits[1:]:
+        pairs = zip(fits[0].state_dict().items(), other.state_dict().items(), strict=True)
+        for (name, a), (_, b) in pairs:
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), name
+
+
+def test_stochastic_em_stops_when_the_pass_average_settles(data):
+    """tol applies to the average of log p(x_d) over a pass: with tol = 1e-3 a few passes
+    suffice, and the result says it stopped on tol (still labelled approximate)."""
+    model = GaussianMixture(3)
+    em = EM(model, ExactPosterior(model), stochastic=True, batch_size=500, seed=0, tol=1e-3)
+    result = em.fit(data)
+    assert result.converged and result.approximate
+    assert 2 <= result.n_passes < em.max_iter
+    assert abs(result.log_likelihoods[-1] - result.log_likelihoods[-2]) < 1e-3
+
+
+def test_a_stream_allows_one_start_and_numpy_step_sizes_are_numbers(data):
+    import numpy as np
+
+    model = GaussianMixture(3)
+    em = EM(model, ExactPosterior(model), stochastic=True, n_init=2, progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator can be read once.*n_init=1"):
+        em.fit(data[i : i + 2000] for i in range(0, N, 2000))
+    EM(model, ExactPosterior(model), stochastic=True, step_size=np.float32(0.7))

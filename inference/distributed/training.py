@@ -69,7 +69,7 @@ def _check_rows(data: Any, validate: Callable | None, chunk: int = 65_536) -> No
     lo, hi = r * n // w, (r + 1) * n // w
     for start in range(lo, hi, chunk):
         part = data[start : min(start + chunk, hi)]
-        validate(part if isinstance(part, torch.Tensor) else torch.as_tensor(np.asarray(part)))
+        validate(part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part)))
 
 
 HISTORY = ("epoch", "bound", "epoch_time_s", "epoch_world_size", "epoch_batch_size")
