@@ -79,8 +79,13 @@ class EMResult:
         return self.lower_bounds[-1] if self.lower_bounds else self.log_likelihoods[-1]
 
 
-def check_sample_weight(sample_weight, n: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """``sample_weight`` as a tensor of shape (n,), or a ``ValueError`` with the fix."""
+def check_sample_weight(
+    sample_weight, n: int, dtype: torch.dtype, positive_sum: bool = True
+) -> torch.Tensor | None:
+    """``sample_weight`` as a tensor of shape (n,), or a ``ValueError`` with the fix.
+
+    ``positive_sum=False`` for one chunk: only the whole data need a positive total.
+    """
     if sample_weight is None:
         return None
     w = torch.as_tensor(
@@ -93,7 +98,11 @@ def check_sample_weight(sample_weight, n: int, dtype: torch.dtype) -> torch.Tens
         raise ValueError(
             f"sample_weight must have shape ({n},), one weight per sample, got {tuple(w.shape)}"
         )
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+    if (
+        not bool(torch.isfinite(w).all())
+        or bool((w < 0).any())
+        or (positive_sum and float(w.sum()) <= 0)
+    ):
         raise ValueError("sample_weight must be finite and non-negative with a positive sum")
     return w
 
@@ -315,12 +324,14 @@ class MixtureFitter:
             return
         row = 0
         for i, (xc, wc) in enumerate(source.chunks()):
+            rows = len(xc) if hasattr(xc, "__len__") else 0
             if i == 0 and first is not None:
                 xc, wc = first
             else:
                 xc, wc = self._check_chunk(i, row, xc, wc, reset=False)
-            yield xc, wc
-            row += xc.shape[0]
+            if xc.shape[0] > 0:  # (a chunk of weight 0 throughout is left out whole)
+                yield xc, wc
+            row += rows
 
     def _check_chunk(self, i: int, row: int, xc, wc, reset: bool) -> tuple:
         try:
@@ -332,7 +343,7 @@ class MixtureFitter:
                     "EM is unsupervised: give chunks of x alone, e.g. "
                     "DataLoader(TensorDataset(x)), or float weights."
                 )
-            wc = check_sample_weight(wc, xc.shape[0], xc.dtype)
+            wc = check_sample_weight(wc, xc.shape[0], xc.dtype, positive_sum=False)
         except ValueError as error:
             raise ValueError(f"chunk {i} (from row {row}): {error}") from None
         return drop_zero_weights(xc, wc)

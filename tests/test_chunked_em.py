@@ -219,13 +219,16 @@ def test_small_first_chunk_and_other_misuse():
 
 def test_zero_weights_leave_rows_out():
     """Weight 0 is allowed (Pyro's scale is not: those rows are left out), in memory and in
-    chunks: the fit equals the fit to the other rows alone, to 1e-10."""
+    chunks, a chunk of weight 0 throughout included: the fit equals the fit to the other
+    rows alone, to 1e-10."""
     family = "gaussian-full"
     x = sample_data(family, 600)
     w = torch.ones(600, dtype=torch.float64)
     w[::7] = 0.0
+    w[300:350] = 0.0
     kept_model, kept = _fit(family, x[w > 0])
-    for data, weights in ((x, w), ([(x[:300], w[:300]), (x[300:], w[300:])], None)):
+    chunks = [(x[:300], w[:300]), (x[300:350], w[300:350]), (x[350:], w[350:])]
+    for data, weights in ((x, w), (chunks, None)):
         model = make_model(family)
         em = EM(
             model, ExactPosterior(model), init=_start(family), max_iter=8, tol=0.0, progress=False
