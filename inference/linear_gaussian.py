@@ -36,8 +36,16 @@ from tqdm.auto import tqdm
 
 from ..guides.exact_gaussian import ExactGaussianPosterior
 from ..models.linear_gaussian import PPCA, LinearGaussian
+from .chunks import DEFAULT_CHUNK_SIZE, chunked_source, is_chunked
 from .em import EM
 from .fitting import EMResult, check_fit_options
+from .gaussian_moments import (
+    Moments,
+    bound_sum,
+    log_likelihood_sum,
+    m_step_sums,
+    posterior_map,
+)
 
 INIT_METHODS = ("random",)
 
@@ -52,7 +60,7 @@ def linear_gaussian_m_step(
     centred at the sample mean (exact: the model is translation-equivariant in mu).
     Noise variances are floored at ``floor``.
     """
-    n, d = x.shape
+    n = x.shape[0]
     centre = x.mean(0)
     xc = x - centre
     ez = torch.cat([loc, loc.new_ones(n, 1)], dim=1)  # E[z~] (N, k + 1)
@@ -60,9 +68,26 @@ def linear_gaussian_m_step(
     k = loc.shape[1]
     ezz[:k, :k] += n * cov  # + sum_d Cov[z_d]
     xez = xc.T @ ez  # sum_d x_d E[z~_d]^T, (D, k + 1)
+    m_step_from_sums(model, n, centre, xc.square().sum(0), ezz, xez, floor)
+
+
+@torch.no_grad()
+def m_step_from_sums(
+    model: LinearGaussian,
+    n: float,
+    centre: torch.Tensor,
+    sxx: torch.Tensor,
+    ezz: torch.Tensor,
+    xez: torch.Tensor,
+    floor: float,
+) -> None:
+    """LG-EM.W and LG-EM.PSI from the sums: ``sxx`` = sum_d (x_d - c)^2 (D,), ``ezz`` =
+    sum_d E[z~ z~^T] (k + 1, k + 1), ``xez`` = sum_d (x_d - c) E[z~_d]^T (D, k + 1), with c
+    = ``centre``, the data mean."""
+    k = ezz.shape[0] - 1
     w_tilde = torch.linalg.solve(ezz, xez.T).T  # (LG-EM.W); ezz is symmetric
     # diag (1/N) sum_d (x x^T - W~ E[z~] x^T)                                 (LG-EM.PSI)
-    psi = (xc.square().sum(0) - (w_tilde * xez).sum(1)) / n
+    psi = (sxx - (w_tilde * xez).sum(1)) / n
     model.weight.copy_(w_tilde[:, :k])
     model.mean.copy_(centre + w_tilde[:, k])
     noise = psi.mean() if isinstance(model, PPCA) else psi  # PPCA: sigma^2 = tr / (N D)
@@ -143,7 +168,13 @@ class LinearGaussianEM(EM):
         self.result_: EMResult | None = None
 
     def fit(self, x, sample_weight=None) -> EMResult:
-        """Fit to ``x`` (N, D); returns an :class:`EMResult` (also ``result_``)."""
+        """Fit to ``x`` (N, D), or to chunks of it (a list of 2-D chunks, a ``DataLoader``,
+        a ``.npy`` path); returns an :class:`EMResult` (also ``result_``).
+
+        One pass reduces the data to n, their mean and scatter (:mod:`.gaussian_moments`);
+        the EM iterations then read only those, so chunked and in-memory data give the same
+        fit (to rounding).
+        """
         if sample_weight is not None:
             raise ValueError(
                 "sample_weight is not supported for linear-Gaussian models; "
@@ -151,20 +182,20 @@ class LinearGaussianEM(EM):
             )
         start = time.perf_counter()
         model = self.model
-        x = model.validate_data(x, reset=not self.warm_start)
+        x, mom = self._moments(x, reset=not self.warm_start)
         rng = np.random.default_rng(self.seed)
         n_init = 1 if self.warm_start or isinstance(self.init, dict) else self.n_init
         best, best_state, finals = None, None, []
         for i in range(n_init):
             if not self.warm_start:
-                self._start(x, rng)
-            result = self._run(x, f"{self.scheme} {i + 1}/{n_init}" if n_init > 1 else "EM")
+                self._start(mom, rng)
+            result = self._run(mom, f"{self.scheme} {i + 1}/{n_init}" if n_init > 1 else "EM")
             finals.append(result.lower_bound)
             if best is None or result.lower_bound > best.lower_bound:
                 best, best_state = result, {k: v.clone() for k, v in model.state_dict().items()}
                 best.best_init = i
         model.load_state_dict(best_state)
-        self.guide.refresh(x)
+        self.guide.refresh(x)  # the posterior of the data in memory (None: theta~ only)
         best.init_lower_bounds, best.fit_time = finals, time.perf_counter() - start
         if not best.converged:
             warnings.warn(
@@ -177,42 +208,76 @@ class LinearGaussianEM(EM):
         return best
 
     @torch.no_grad()
-    def _start(self, x: torch.Tensor, rng: np.random.Generator) -> None:
+    def _moments(self, x, reset: bool) -> tuple[torch.Tensor | None, Moments]:
+        """``(x or None, Moments)``: data in memory, or one pass over chunks (checked)."""
+        model = self.model
+        if not is_chunked(x):
+            x = model.validate_data(x, reset=reset)
+            return x, Moments.of(x)
+        source = chunked_source(x, DEFAULT_CHUNK_SIZE)
+        if not source.reiterable:
+            raise ValueError(
+                "EM reads the data once here, but a generator cannot be checked and fitted "
+                "again; pass a list of chunks, a DataLoader or a .npy path."
+            )
+        mom, row = None, 0
+        for i, (xc, wc) in enumerate(source.chunks()):
+            try:
+                if wc is not None:
+                    raise ValueError(
+                        "sample_weight is not supported for linear-Gaussian models; give "
+                        "chunks of x alone"
+                    )
+                xc = model.validate_data(xc, reset=reset and i == 0)
+            except ValueError as error:
+                raise ValueError(f"chunk {i} (from row {row}): {error}") from None
+            mom = Moments.of(xc) if mom is None else mom.combine(Moments.of(xc))
+            row += xc.shape[0]
+        if mom is None:
+            raise ValueError("the data have no chunks; pass at least one non-empty chunk.")
+        return None, mom
+
+    @torch.no_grad()
+    def _start(self, mom: Moments, rng: np.random.Generator) -> None:
         model = self.model
         if isinstance(self.init, dict):
             model.set_params(**self.init)
             return
-        variances = x.var(0, unbiased=False).clamp_min(max(self.reg_covar, 1e-12))
+        variances = (mom.scatter.diagonal() / mom.n).clamp_min(max(self.reg_covar, 1e-12))
         scale = float(variances.mean().sqrt()) / np.sqrt(model.latent_dim)
         weight = rng.normal(scale=scale, size=(model.data_dim, model.latent_dim))
-        model.set_params(weight=weight, mean=x.mean(0), noise=variances)
+        model.set_params(weight=weight, mean=mom.mean, noise=variances)
 
-    def _run(self, x: torch.Tensor, desc: str) -> EMResult:
-        """EM iterations from the model's current parameters."""
-        model, guide = self.model, self.guide
+    @torch.no_grad()
+    def _run(self, mom: Moments, desc: str) -> EMResult:
+        """EM iterations from the model's current parameters, on the moments of the data."""
+        model, guide, n = self.model, self.guide, mom.n
         if self.callback is not None:
             self.callback(0, model)
-        guide.refresh(x)  # E-step (EM-1 step 1)
-        with torch.no_grad():
-            lls, lbs = [float(model.log_likelihood(x).mean())], []
+        guide.refresh()  # E-step (EM-1 step 1): theta~ := theta
+        A, cov = posterior_map(model)  # q_d = N(A (x_d - mu~), S_z)
+        mu = model.mean.clone()
+        lls, lbs = [log_likelihood_sum(model, mom) / n], []
         previous, converged, it = lls[0], False, 0  # after an E-step, bound = ll (EM-TIGHT)
         bar = tqdm(
             total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False
         )
+        sxx = mom.scatter.diagonal()
         for it in range(1, self.max_iter + 1):
-            loc, cov = guide.posterior(x)  # q_t
-            linear_gaussian_m_step(model, x, loc, cov, self.reg_covar)  # theta_{t+1}
-            with torch.no_grad():
-                bound = float(guide.bound(x).mean())  # LB(q_t, theta_{t+1})
-                guide.refresh(x)  # E-step: q_{t+1}
-                lls.append(float(model.log_likelihood(x).mean()))
-            lbs.append(bound)
+            ezz, xez = m_step_sums(mom, A, mu, cov)
+            m_step_from_sums(model, n, mom.mean, sxx, ezz, xez, self.reg_covar)  # theta_{t+1}
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 model.load_state_dict(guide.twin.state_dict())
                 raise ValueError(
                     "EM produced non-finite parameters; the last finite ones were kept. "
                     "Scale the data or raise reg_covar."
                 )
+            bound = bound_sum(model, mom, A, mu, cov) / n  # LB(q_t, theta_{t+1})
+            guide.refresh()  # E-step: q_{t+1}
+            A, cov = posterior_map(model)
+            mu = model.mean.clone()
+            lls.append(log_likelihood_sum(model, mom) / n)
+            lbs.append(bound)
             if self.callback is not None:
                 self.callback(it, model)
             bar.update(1)
