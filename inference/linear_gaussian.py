@@ -3,7 +3,7 @@
 EM is the same two steps as for the mixtures (EM-1), with the exact Gaussian posterior as
 the guide:
 
-1. E-step -- ``guide.refresh(x)``: q_d(z) = N(m_d, S) = p(z | x_d; theta) (LG-POST), so the
+1. E-step -- ``guide.refresh()``: q_d(z) = N(m_d, S) = p(z | x_d; theta) (LG-POST), so the
    bound touches log p(x) (EM-TIGHT).
 2. M-step -- maximise E_q[log p(x, z; theta)] over theta = (W, mu, Psi). With
    z~ = (z, 1) and W~ = [W, mu] (D, k + 1) the expected complete-data log-likelihood is a
@@ -21,6 +21,10 @@ the eigen-decomposition of the sample covariance, eigenvalues l_1 >= ... >= l_D,
        sigma^2 = mean(l_{k+1}, ..., l_D),   W = U_k (L_k - sigma^2 I)^{1/2} R         (LG-ML)
 
 for any rotation R (here R = I), and mu = the sample mean.
+
+m_d is affine in x_d, so every sum over the data in both steps is a function of n, the
+mean and the scatter of the data (:mod:`.gaussian_moments`): :class:`LinearGaussianEM`
+reads the data once, in memory or in chunks, and iterates on those alone.
 """
 
 from __future__ import annotations
