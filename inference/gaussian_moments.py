@@ -2,7 +2,7 @@
 
 In PPCA and factor analysis the posterior mean is affine in x (LG-POST),
 
-    m_d = A (x_d - mu~),   A = S_z W~^T Psi~^-1   (k, D),   S_z = (I + W~^T Psi~^-1 W~)^-1,
+    m_d = A (x_d - mu~),   (A, S_z) = ``model.posterior_map()`` at theta~,
 
 so the M-step (LG-EM.W, LG-EM.PSI), the bound (LB-DEF) and log p(x) (LG-MARG), each summed
 over the data, are quadratic in x and depend on it only through
@@ -50,15 +50,6 @@ class Moments:
         """sum_d (x_d - c)(x_d - c)^T = S + n (xbar - c)(xbar - c)^T, (D, D)."""
         offset = self.mean - centre
         return self.scatter + self.n * torch.outer(offset, offset)
-
-
-def posterior_map(model: LinearGaussian) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A (k, D), S_z (k, k))``: q_d(z) = N(A (x_d - mu), S_z) at the model's theta (LG-POST)."""
-    weight, psi = model.weight, model.noise_variances()
-    scaled = weight / psi.unsqueeze(-1)  # Psi^-1 W, (D, k)
-    precision = torch.eye(model.latent_dim, dtype=weight.dtype) + weight.T @ scaled
-    cov = torch.cholesky_inverse(torch.linalg.cholesky(precision))  # S_z
-    return cov @ scaled.T, cov
 
 
 def m_step_sums(

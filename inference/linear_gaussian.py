@@ -48,7 +48,6 @@ from .gaussian_moments import (
     bound_sum,
     log_likelihood_sum,
     m_step_sums,
-    posterior_map,
 )
 
 INIT_METHODS = ("random",)
@@ -259,7 +258,7 @@ class LinearGaussianEM(EM):
         if self.callback is not None:
             self.callback(0, model)
         guide.refresh()  # E-step (EM-1 step 1): theta~ := theta
-        A, cov = posterior_map(model)  # q_d = N(A (x_d - mu~), S_z)
+        A, cov = model.posterior_map()  # q_d = N(A (x_d - mu~), S_z)
         mu = model.mean.clone()
         lls, lbs = [log_likelihood_sum(model, mom) / n], []
         previous, converged, it = lls[0], False, 0  # after an E-step, bound = ll (EM-TIGHT)
@@ -278,7 +277,7 @@ class LinearGaussianEM(EM):
                 )
             bound = bound_sum(model, mom, A, mu, cov) / n  # LB(q_t, theta_{t+1})
             guide.refresh()  # E-step: q_{t+1}
-            A, cov = posterior_map(model)
+            A, cov = model.posterior_map()
             mu = model.mean.clone()
             lls.append(log_likelihood_sum(model, mom) / n)
             lbs.append(bound)

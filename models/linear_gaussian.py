@@ -135,12 +135,17 @@ class LinearGaussian(PyroModule):
         S is the same for every data point.
         """
         x = self.validate_data(x)
+        A, cov = self.posterior_map()
+        return (x - self.mean) @ A.T, cov
+
+    def posterior_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (k, D), S (k, k))`` with p(z | x_d) = N(A (x_d - mu), S) (LG-POST):
+        S = (I + W^T Psi^-1 W)^-1 and A = S W^T Psi^-1, the same for every data point."""
         weight, psi = self.weight, self.noise_variances()
         scaled = weight / psi.unsqueeze(-1)  # Psi^-1 W, (D, k)
         precision = torch.eye(self.latent_dim, dtype=weight.dtype) + weight.T @ scaled
         cov = torch.cholesky_inverse(torch.linalg.cholesky(precision))
-        loc = (x - self.mean) @ scaled @ cov
-        return loc, cov
+        return cov @ scaled.T, cov
 
     def n_parameters(self) -> int:
         """Free parameters: D k - k (k - 1) / 2 (W up to rotation) + D (mu) + the noise."""

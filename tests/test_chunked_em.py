@@ -29,7 +29,7 @@ def _start(family: str) -> dict:
     return start
 
 
-def _fit(family: str, data, iterations: int = 8, **options):
+def _fit(family: str, data, iterations: int = 8, sample_weight=None, **options):
     """``iterations`` EM steps from the same explicit start (tol=0: never stops early)."""
     model = make_model(family)
     em = EM(
@@ -43,7 +43,7 @@ def _fit(family: str, data, iterations: int = 8, **options):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        result = em.fit(data)
+        result = em.fit(data, sample_weight=sample_weight)
     return model, result
 
 
@@ -229,13 +229,7 @@ def test_zero_weights_leave_rows_out():
     kept_model, kept = _fit(family, x[w > 0])
     chunks = [(x[:300], w[:300]), (x[300:350], w[300:350]), (x[350:], w[350:])]
     for data, weights in ((x, w), (chunks, None)):
-        model = make_model(family)
-        em = EM(
-            model, ExactPosterior(model), init=_start(family), max_iter=8, tol=0.0, progress=False
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            result = em.fit(data, sample_weight=weights)
+        model, result = _fit(family, data, sample_weight=weights)
         _assert_same(kept_model, model, kept, result)
 
 
@@ -246,18 +240,8 @@ def test_lists_of_pairs_and_what_is_refused(tmp_path):
     family = "gaussian-full"
     x = sample_data(family, 400)
     w = torch.linspace(0.5, 1.5, 400, dtype=torch.float64)
-    model_a = make_model(family)
-    em_a = EM(
-        model_a, ExactPosterior(model_a), init=_start(family), max_iter=8, tol=0.0, progress=False
-    )
-    model_b = make_model(family)
-    em_b = EM(
-        model_b, ExactPosterior(model_b), init=_start(family), max_iter=8, tol=0.0, progress=False
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        ra = em_a.fit(x, sample_weight=w)
-        rb = em_b.fit([(x[:123], w[:123]), (x[123:].numpy(), w[123:].numpy())])
+    model_a, ra = _fit(family, x, sample_weight=w)
+    model_b, rb = _fit(family, [(x[:123], w[:123]), (x[123:].numpy(), w[123:].numpy())])
     _assert_same(model_a, model_b, ra, rb)
     _, em = _em()
     labels = torch.arange(400) % 3

@@ -21,7 +21,6 @@ from elbolab.inference.gaussian_moments import (
     bound_sum,
     log_likelihood_sum,
     m_step_sums,
-    posterior_map,
 )
 from elbolab.inference.linear_gaussian import m_step_from_sums
 from elbolab.models import PPCA, FactorAnalysis, gaussian_bound
@@ -70,7 +69,7 @@ def test_sums_from_the_moments_equal_the_sums_over_the_data(cls):
     x, mom = _data(), Moments.of(_data())
     with torch.no_grad():
         q_model, theta = _model(cls, 1), _model(cls, 2)
-        A, cov = posterior_map(q_model)
+        A, cov = q_model.posterior_map()
         loc, cov_ref = q_model.posterior(x)
         assert _close((x - q_model.mean) @ A.T, loc) and _close(cov, cov_ref)
         assert _close(log_likelihood_sum(theta, mom), theta.log_likelihood(x).sum())
