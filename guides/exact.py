@@ -153,8 +153,24 @@ class ExactPosterior(PyroModule):
         extra = len(joint.sites) - 1 - j
         return table.reshape(table.shape[extra:])
 
+    def _checked(self, args: tuple) -> tuple:
+        """The data argument checked by the model (fitted? right width? finite?), if it can."""
+        model = self.model
+        require = getattr(model, "_require_built", None)
+        if require is not None:
+            require()
+        validate = getattr(model, "validate_data", None)
+        if validate is not None and args and args[0] is not None:
+            args = (validate(args[0]),) + tuple(args[1:])
+        return args
+
     def log_probs(self, *args, site: str | None = None, **kwargs) -> torch.Tensor:
-        """log q_d(z = k) for the first latent site (or ``site``), shape (N, K)."""
+        """log q_d(z = k) for the first latent site (or ``site``), shape (N, K).
+
+        The data are checked by the model first (``ValueError`` naming the fix for an
+        unfitted model, another feature count, NaN, ...).
+        """
+        args = self._checked(args)
         joint = self.joint(*args, **kwargs)
         j = 0 if site is None else joint.sites.index(site)
         return self._site_logits(joint, j)

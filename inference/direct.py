@@ -8,6 +8,8 @@ same maximum by a different road (compare ``EM(...).fit`` with ``DirectML(...).f
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
+from ..models.enumeration import enumerate_joint
 from .fitting import EMResult, MixtureFitter
 
 
@@ -25,11 +28,17 @@ def _no_guide(*args, **kwargs) -> None:
 
 
 def marginal_log_likelihood(model, x, sample_weight=None) -> torch.Tensor:
-    """sum_d w_d log p(x_d; theta), differentiable, from ``TraceEnum_ELBO`` with no guide."""
+    """sum_d w_d log p(x_d; theta), differentiable, z summed out by Pyro's enumeration.
+
+    Unweighted: Pyro's ``TraceEnum_ELBO`` with no guide. Weighted: each datum's exact
+    log p(x_d) from the same enumeration (:func:`~elbolab.models.enumerate_joint`), times
+    w_d. (Scaling the program's sites by w_d under enumeration would give
+    log sum_z p(x_d, z)^w_d instead, which is why Pyro refuses a tensor scale there.)
+    """
+    if sample_weight is not None:
+        return (enumerate_joint(model, x).log_marginal() * sample_weight).sum()
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
-    return -elbo.differentiable_loss(
-        config_enumerate(model, "parallel"), _no_guide, x, sample_weight
-    )
+    return -elbo.differentiable_loss(config_enumerate(model, "parallel"), _no_guide, x)
 
 
 class DirectML(MixtureFitter):
@@ -65,6 +74,15 @@ class DirectML(MixtureFitter):
     ) -> None:
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+        if (
+            isinstance(lr, (bool, np.bool_))
+            or not isinstance(lr, numbers.Real)
+            or not 0 < lr < math.inf
+        ):
+            raise ValueError(
+                f"lr must be a positive, finite number, got {lr!r}; e.g. lr=0.05 "
+                "(Adam's step size; L-BFGS ignores it)"
+            )
         super().__init__(
             model,
             ExactPosterior(model),

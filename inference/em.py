@@ -364,7 +364,7 @@ class EM(MixtureFitter):
         )
         for it in range(1, self.max_iter + 1):
             if closed:
-                self.m_step_from(statistics, e.stats)  # (EM-MIX.2/3)
+                self.m_step_from(statistics, e.stats, e.rows)  # (EM-MIX.2/3)
                 # sum_k r_dk log(pi_k p_k(x_d) / r_dk) at the new theta (EM-MIX.LB), from the sums
                 log_weights = model.weights_.log()
                 expected = statistics.expected_log_lik(model, e.stats)
@@ -443,7 +443,10 @@ class EM(MixtureFitter):
                 pass
         if self.callback is not None:
             self.callback(0, model)
-        running, t, lls, converged = None, 0, [], False
+        # rows the running sums stand for (pseudo-counts are per sample, as in batch EM):
+        # all of the data where its size is known, otherwise the rows seen so far
+        n_total = source.x.shape[0] if source.in_memory else source.n_rows
+        running, t, lls, converged, seen = None, 0, [], False, 0
         bar = tqdm(total=passes, desc=desc, delay=1.0, disable=not self.progress, leave=False)
         for epoch in range(1, passes + 1):
             ll_sum, weight_sum = 0.0, 0.0
@@ -451,6 +454,7 @@ class EM(MixtureFitter):
                 if x.shape[0] == 0:  # every row of it had weight 0
                     continue
                 t += 1
+                seen += x.shape[0]
                 log_px, log_resp = self._e_step(x, w, **plate)  # at theta_{t-1}
                 weight = float(x.shape[0] if w is None else w.sum())
                 ll_sum += float(log_px.sum() if w is None else (log_px * w).sum())
@@ -474,7 +478,7 @@ class EM(MixtureFitter):
                         if running is None
                         else statistics.combine(running, sbar, 1.0 - gamma, gamma)
                     )
-                    self.m_step_from(statistics, running)  # theta_t = theta(s_t)
+                    self.m_step_from(statistics, running, n_total or seen)  # theta(s_t)
                 self._check_finite()
             if weight_sum == 0:
                 raise ValueError("the data have no rows; pass at least one non-empty chunk.")

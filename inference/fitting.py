@@ -8,6 +8,8 @@ bound, and the convergence warning live here once.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -118,15 +120,41 @@ def drop_zero_weights(x: torch.Tensor, w: torch.Tensor | None) -> tuple:
     return x[keep], w[keep]
 
 
+def check_seed(seed) -> int | None:
+    """``seed`` as an int (or None), or a ``ValueError`` with the fix."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(
+            f"seed must be a non-negative integer or None, got {seed!r}; e.g. seed=0 "
+            "repeats a run, seed=None draws a fresh one"
+        )
+    return int(seed)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 def check_fit_options(*, tol, max_iter: int, n_init: int, reg_covar) -> None:
     """``ValueError`` with the fix for options every EM-like fitter shares."""
     for name, value in (("max_iter", max_iter), ("n_init", n_init)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if (
+            isinstance(value, (bool, np.bool_))
+            or not isinstance(value, (int, np.integer))
+            or value < 1
+        ):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not tol >= 0:
+    if not _real("tol", tol) >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if not reg_covar >= 0:
-        raise ValueError(f"reg_covar must be >= 0, got {reg_covar!r}")
+    reg = _real("reg_covar", reg_covar)
+    if not 0 <= reg < math.inf:
+        raise ValueError(
+            f"reg_covar must be finite and >= 0, got {reg_covar!r}; it is added to the "
+            "covariances (or used as a pseudo-count), e.g. reg_covar=1e-6"
+        )
 
 
 class MixtureFitter:
@@ -187,12 +215,12 @@ class MixtureFitter:
     ) -> None:
         if not isinstance(guide, ExactPosterior) or guide.model is not model:
             raise ValueError("guide must be ExactPosterior(model) for this same model")
-        if not isinstance(init, dict) and init not in INIT_METHODS:
+        if not isinstance(init, dict) and not (isinstance(init, str) and init in INIT_METHODS):
             raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
         check_fit_options(tol=tol, max_iter=max_iter, n_init=n_init, reg_covar=reg_covar)
         self.model, self.guide = model, guide
-        self.tol, self.max_iter, self.n_init = float(tol), max_iter, n_init
-        self.init, self.reg_covar, self.seed = init, float(reg_covar), seed
+        self.tol, self.max_iter, self.n_init = float(tol), int(max_iter), int(n_init)
+        self.init, self.reg_covar, self.seed = init, float(reg_covar), check_seed(seed)
         self.warm_start, self.progress, self.callback = warm_start, progress, callback
         self.result_: EMResult | None = None
 
@@ -225,6 +253,8 @@ class MixtureFitter:
         except BaseException:
             if saved is not None and model.is_built:
                 model.load_state_dict(saved)  # nothing half-fitted is left behind
+            elif saved is None:
+                model.unbuild()  # a model without parameters before stays without them
             raise
         best.fit_time = time.perf_counter() - start
         if not best.converged and not best.approximate:
@@ -240,19 +270,25 @@ class MixtureFitter:
     def _fit(self, x, sample_weight) -> EMResult:
         model, guide = self.model, self.guide
         warm = self.warm_start and model.is_built
+        self._weight_scale = 1.0 if getattr(self, "distributed", False) else None
         source = self._source(x, sample_weight, reset=not warm)
         rng = np.random.default_rng(self.seed)
-        n_init = 1 if warm or isinstance(self.init, dict) else self.n_init
+        # a complete init dict (or a warm start) is one start; more would repeat it
+        n_init = 1 if warm or not source.reiterable else self.n_init
         best, best_state, finals = None, None, []
-        for i in range(n_init):
+        i = 0
+        while i < n_init:
             if not warm:
                 self._initialize_from(source, rng)
+                if i == 0 and self._init_complete:
+                    n_init = 1
             desc = f"{self.scheme} {i + 1}/{n_init}" if n_init > 1 else self.scheme
             result = self._run_source(source, desc)
             finals.append(result.lower_bound)
             if best is None or result.lower_bound > best.lower_bound:
                 best, best_state = result, copy.deepcopy(model.state_dict())
                 best.best_init = i
+            i += 1
         # the guide ends as the posterior at the returned parameters
         if best.best_init != n_init - 1:
             model.load_state_dict(best_state)
@@ -273,7 +309,7 @@ class MixtureFitter:
         """The data as a :class:`~.chunks.DataSource`; in-memory data are checked here."""
         if not is_chunked(x):
             x = self.model.validate_data(x, reset=reset)
-            w = check_sample_weight(sample_weight, x.shape[0], x.dtype)
+            w = self._scale_weights(check_sample_weight(sample_weight, x.shape[0], x.dtype))
             x, w = drop_zero_weights(x, w)
             self._check_samples(x.shape[0])
             return InMemory(x, w)
@@ -305,6 +341,24 @@ class MixtureFitter:
                 "per start; pass n_init=1, or re-iterable chunks (a list, a .npy path)."
             )
         return source
+
+    def _scale_weights(self, w: torch.Tensor | None) -> torch.Tensor | None:
+        """Weights times one power of two per fit (chosen on the first weights seen).
+
+        Exact (a power of two only moves the exponent), so every sum is the same up to that
+        factor, but weights of any size (1e-300 or 1e300) keep the sums of products with
+        responsibilities clear of underflow and overflow. The M-steps read the sums per unit
+        of mean weight (:meth:`m_step_from`), so the factor cancels. One process only:
+        ranks of a distributed fit keep their weights (their sums must add up as given).
+        """
+        if w is None:
+            return None
+        if self._weight_scale is None:
+            largest = float(w.max()) if w.numel() else 0.0
+            if not largest > 0:
+                return w
+            self._weight_scale = 2.0 ** -round(np.log2(largest))
+        return w if self._weight_scale == 1.0 else w * self._weight_scale
 
     def _check_samples(self, n: int) -> None:
         K = self.model.n_components
@@ -344,6 +398,7 @@ class MixtureFitter:
                     "DataLoader(TensorDataset(x)), or float weights."
                 )
             wc = check_sample_weight(wc, xc.shape[0], xc.dtype, positive_sum=False)
+            wc = self._scale_weights(wc)
         except ValueError as error:
             raise ValueError(f"chunk {i} (from row {row}): {error}") from None
         return drop_zero_weights(xc, wc)
@@ -370,14 +425,33 @@ class MixtureFitter:
         self._initialize(x0, w0, rng)
 
     # ------------------------------------------------------------------ shared pieces
+    #: whether the last start came entirely from an ``init`` dict
+    _init_complete = False
+
     def _initialize(self, x, w, rng) -> None:
-        """Build the parameters and set them: from ``init`` or one M-step on responsibilities."""
+        """Build the parameters and set them: one M-step on initial responsibilities, with
+        the entries of an ``init`` dict in place of what it gives.
+
+        A dict that gives every parameter (``model.param_names()``) is the start as it is.
+        What a partial dict leaves out is estimated, as scikit-learn does, from k-means++
+        responsibilities, so a partial start never leaves components identical.
+        """
         model = self.model
         model.build_for(x)
-        if isinstance(self.init, dict):
-            model.set_params(**self.init)
+        given = dict(self.init) if isinstance(self.init, dict) else {}
+        if given:
+            model.set_params(**given)  # every given value checked before any work
+        self._init_complete = bool(given) and set(model.param_names()) <= set(given)
+        if self._init_complete:
             return
-        resp = initial_responsibilities(x, model.n_components, self.init, rng, w)
+        method = self.init if isinstance(self.init, str) else "kmeans++"
+        if x.shape[0] < model.n_components:
+            raise ValueError(
+                f"the init dict leaves out {sorted(set(model.param_names()) - set(given))}, "
+                f"which are estimated from the data, and x has {x.shape[0]} rows for "
+                f"{model.n_components} components; give every parameter in init or more rows."
+            )
+        resp = initial_responsibilities(x, model.n_components, method, rng, w)
         if self._closed_form():
             self._closed_form_m_step(x, w, resp)
         else:
@@ -385,6 +459,8 @@ class MixtureFitter:
             self.guide.fix(log_resp, x, w)
             gradient_m_step(model, self.guide, x, w, max_iter=self.gradient_max_iter)
             self._check_finite(restore=False)
+        if given:
+            model.set_params(**given)
 
     def _closed_form_m_step(self, x, w, resp) -> None:
         """EM-MIX.3 for the components, then EM-MIX.2 for the weights, from the data in memory.
@@ -396,10 +472,19 @@ class MixtureFitter:
         if w is not None:
             resp = resp * w.unsqueeze(-1)
         for _ in range(2 if statistics.fixed else 1):
-            self.m_step_from(statistics, statistics.collect(self.model, x, resp))
+            self.m_step_from(statistics, statistics.collect(self.model, x, resp), x.shape[0])
 
-    def m_step_from(self, statistics: SufficientStatistics, stats: dict) -> None:
-        """The closed-form M-step from summed statistics (EM-MIX.2/3)."""
+    def m_step_from(self, statistics: SufficientStatistics, stats: dict, rows: float) -> None:
+        """The closed-form M-step from summed statistics (EM-MIX.2/3).
+
+        The sums are first put per unit of mean weight: times ``rows`` / (total weight),
+        with ``rows`` the number of data points they sum over. With sample weights of any
+        scale c the update is then that of the unweighted sums, and ``reg_covar``'s
+        pseudo-counts (Bernoulli, categorical) count samples of mean weight.
+        """
+        weight = float(stats["nk"].sum())
+        if weight > 0 and rows != weight:
+            stats = statistics.scaled(stats, rows / weight)
         nk = stats["nk"]
         nk = nk + 10 * torch.finfo(nk.dtype).eps  # keeps an empty component finite
         statistics.m_step(self.model, stats, nk, self.reg_covar)

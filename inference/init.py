@@ -23,6 +23,17 @@ def _nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return d2.argmin(1)
 
 
+def _centred(x: np.ndarray) -> np.ndarray:
+    """x - mean(x), divided by one overall scale (a power of two): the same Euclidean
+    geometry up to a constant, so the same seeds and nearest centres, but distances
+    computed as |x|^2 - 2 x.c + |c|^2 keep their digits for data far from the origin."""
+    xc = x - x.mean(0)
+    scale = float(np.abs(xc).max()) if xc.size else 0.0
+    if scale > 0 and np.isfinite(scale):
+        xc = xc / 2.0 ** np.round(np.log2(scale))  # exact: a power of two
+    return xc
+
+
 def initial_responsibilities(
     x: torch.Tensor,
     n_components: int,
@@ -39,7 +50,7 @@ def initial_responsibilities(
     - ``"random"``: uniform random responsibilities, normalised per point.
     """
     K = n_components
-    xn = x.detach().cpu().numpy()
+    xn = _centred(x.detach().cpu().numpy())
     seed = int(rng.integers(2**31 - 1))
     w = None if sample_weight is None else sample_weight.detach().cpu().numpy()
     if method == "kmeans++":

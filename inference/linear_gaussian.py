@@ -29,6 +29,7 @@ reads the data once, in memory or in chunks, and iterates on those alone.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -40,9 +41,10 @@ from tqdm.auto import tqdm
 
 from ..guides.exact_gaussian import ExactGaussianPosterior
 from ..models.linear_gaussian import PPCA, LinearGaussian
+from ..models.vae import check_positive_int
 from .chunks import DEFAULT_CHUNK_SIZE, chunked_source, is_chunked
 from .em import EM
-from .fitting import EMResult, check_fit_options
+from .fitting import EMResult, check_fit_options, check_seed
 from .gaussian_moments import (
     Moments,
     bound_sum,
@@ -146,9 +148,26 @@ class LinearGaussianEM(EM):
         seed: int | None = None,
         warm_start: bool = False,
         gradient_max_iter: int = 20,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        stochastic: bool = False,
+        batch_size: int = 1024,
+        step_size: float | Callable[[int], float] = 0.6,
+        learning_rate: float = 0.01,
+        distributed: bool = False,
         progress: bool = True,
         callback: Callable[[int, LinearGaussian], None] | None = None,
     ) -> None:
+        if stochastic:
+            raise ValueError(
+                "stochastic EM is not needed for PPCA and factor analysis: their EM reads the "
+                "data once, to n, the mean and the scatter, and iterates on those; pass "
+                "stochastic=False (chunks of data, a DataLoader or a .npy path work as they are)"
+            )
+        if distributed:
+            raise ValueError(
+                "distributed=True is not available for PPCA and factor analysis; fit on one "
+                "process (data in chunks, a DataLoader or a .npy path keep memory bounded)"
+            )
         if not isinstance(guide, ExactGaussianPosterior) or guide.model is not model:
             raise ValueError("guide must be ExactGaussianPosterior(model) for this same model")
         if m_step == "gradient":
@@ -160,14 +179,23 @@ class LinearGaussianEM(EM):
             raise ValueError(f"m_step must be 'auto' or 'closed-form', got {m_step!r}")
         if init == "kmeans++":  # EM's default for the mixtures
             init = "random"
-        if not isinstance(init, dict) and init not in INIT_METHODS:
+        if not isinstance(init, dict) and not (isinstance(init, str) and init in INIT_METHODS):
             raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
         check_fit_options(tol=tol, max_iter=max_iter, n_init=n_init, reg_covar=reg_covar)
         self.model, self.guide, self.m_step = model, guide, "closed-form"
         self.tol, self.max_iter, self.n_init = float(tol), max_iter, n_init
-        self.init, self.reg_covar, self.seed = init, float(reg_covar), seed
+        self.init, self.reg_covar, self.seed = init, float(reg_covar), check_seed(seed)
         self.warm_start, self.progress, self.callback = warm_start, progress, callback
         self.gradient_max_iter = gradient_max_iter
+        self.chunk_size = check_positive_int("chunk_size", chunk_size, "rows read at a time")
+        if isinstance(init, dict):  # every given value checked now, on a copy
+            unknown = sorted(set(init) - set(model.param_names()))
+            if unknown:
+                raise ValueError(
+                    f"unknown init entr{'y' if len(unknown) == 1 else 'ies'} {unknown} for "
+                    f"{type(model).__name__}; use {', '.join(model.param_names())}"
+                )
+            copy.deepcopy(model).set_params(**init)
         self.result_: EMResult | None = None
 
     def fit(self, x, sample_weight=None) -> EMResult:
@@ -217,7 +245,7 @@ class LinearGaussianEM(EM):
         if not is_chunked(x):
             x = model.validate_data(x, reset=reset)
             return x, Moments.of(x)
-        source = chunked_source(x, DEFAULT_CHUNK_SIZE)
+        source = chunked_source(x, self.chunk_size)
         if not source.reiterable:
             raise ValueError(
                 "EM reads the data once here, but a generator cannot be checked and fitted "
@@ -242,14 +270,21 @@ class LinearGaussianEM(EM):
 
     @torch.no_grad()
     def _start(self, mom: Moments, rng: np.random.Generator) -> None:
+        """The ``"random"`` start, with the entries of an ``init`` dict in place of its own.
+
+        A partial dict (say ``{"weight": W}``) takes the rest from the ``"random"`` start,
+        so nothing is left at the values the model was built with.
+        """
         model = self.model
-        if isinstance(self.init, dict):
-            model.set_params(**self.init)
-            return
+        given = dict(self.init) if isinstance(self.init, dict) else {}  # checked in __init__
         variances = (mom.scatter.diagonal() / mom.n).clamp_min(max(self.reg_covar, 1e-12))
         scale = float(variances.mean().sqrt()) / np.sqrt(model.latent_dim)
-        weight = rng.normal(scale=scale, size=(model.data_dim, model.latent_dim))
-        model.set_params(weight=weight, mean=mom.mean, noise=variances)
+        start = {"weight": None, "mean": mom.mean, "noise": variances}
+        if isinstance(model, PPCA):
+            start["noise"] = variances.mean()
+        if "weight" not in given:
+            start["weight"] = rng.normal(scale=scale, size=(model.data_dim, model.latent_dim))
+        model.set_params(**(start | given))
 
     @torch.no_grad()
     def _run(self, mom: Moments, desc: str) -> EMResult:

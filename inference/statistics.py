@@ -70,6 +70,10 @@ class SufficientStatistics:
         """sum_d r_dk log p_k(x_d; theta) at the model's current theta, shape (K,)."""
         raise NotImplementedError  # pragma: no cover - interface
 
+    def scaled(self, stats: dict, factor: float) -> dict:
+        """The sums of data whose weights are all multiplied by ``factor``."""
+        return {k: v if k in self.fixed else v * factor for k, v in stats.items()}
+
     def combine(self, a: dict, b: dict, alpha: float = 1.0, beta: float = 1.0) -> dict:
         """alpha * a + beta * b entry by entry (the fixed entries are a's)."""
         return {
@@ -126,6 +130,9 @@ class DataStatistics(SufficientStatistics):
 
     def collect(self, model, x, resp):
         return {"nk": resp.sum(0), "x": x, "resp": resp}
+
+    def scaled(self, stats, factor):
+        return {"nk": stats["nk"] * factor, "x": stats["x"], "resp": stats["resp"] * factor}
 
     def combine(self, a, b, alpha=1.0, beta=1.0):
         if alpha != 1.0 or beta != 1.0:
@@ -322,8 +329,12 @@ class CategoricalStatistics(SufficientStatistics):
     """``counts`` = sum_d r_dk [x_dj = c] (K, D, C)."""
 
     def collect(self, model, x, resp):
-        onehot = torch.nn.functional.one_hot(x.long(), model.n_categories).to(x.dtype)
-        return {"nk": resp.sum(0), "counts": torch.einsum("nk,ndc->kdc", resp, onehot)}
+        K, D, C = model.n_components, x.shape[1], model.n_categories
+        # counts[k, j, c] = sum_d r_dk [x_dj = c]: each r_d added at (j, x_dj); no (N, D, C)
+        cell = (torch.arange(D) * C + x.long()).reshape(-1)  # (N D,) index of (j, x_dj)
+        counts = torch.zeros(D * C, K, dtype=resp.dtype)
+        counts.index_add_(0, cell, resp.repeat_interleave(D, dim=0))
+        return {"nk": resp.sum(0), "counts": counts.T.reshape(K, D, C)}
 
     def m_step(self, model, stats, nk, reg_covar):
         """theta_kjc = (sum_d r_dk [x_dj = c] + reg) / (N_k + C reg) (EM-MIX.3)."""

@@ -27,19 +27,69 @@ from torch.distributions import constraints, transform_to
 from .enumeration import enumerate_joint
 
 
-def as_tensor(value, dtype: torch.dtype) -> torch.Tensor:
-    """A detached tensor of ``dtype`` from a tensor, array, or nested list of arrays."""
+def _numeric_array(value, name: str) -> np.ndarray | torch.Tensor:
+    """``value`` as a tensor or array of real numbers, or a ``ValueError`` naming the fix.
+
+    Refused: complex numbers (casting would silently drop the imaginary part), float16 and
+    bfloat16 (too few digits for the linear algebra of a fit), object and string arrays
+    (a DataFrame with a text column), ragged lists (rows of different lengths).
+    """
     if isinstance(value, torch.Tensor):
-        return value.detach().to(dtype)
-    return torch.as_tensor(np.asarray(value), dtype=dtype)
+        dtype = value.dtype
+        if dtype.is_complex:
+            raise ValueError(
+                f"{name} is complex ({dtype}); pass real numbers, e.g. {name}.real or {name}.abs()"
+            )
+        if dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"{name} is {str(dtype).removeprefix('torch.')}, which has too few digits "
+                f"to fit a model; convert it first, e.g. {name}.double()"
+            )
+        return value.detach()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{name} cannot be read as an array of numbers ({error}); pass an (n_samples, "
+            "n_features) array whose rows all have the same length"
+        ) from None
+    kind = array.dtype.kind
+    if kind == "c":
+        raise ValueError(
+            f"{name} is complex ({array.dtype}); pass real numbers, e.g. np.real({name}) or "
+            f"np.abs({name})"
+        )
+    if kind == "f" and array.dtype.itemsize < 4:
+        raise ValueError(
+            f"{name} is {array.dtype}, which has too few digits to fit a model; convert it "
+            f"first, e.g. {name}.astype(np.float64)"
+        )
+    if kind not in "biuf":
+        what = "text" if kind in "US" else f"{array.dtype} values"
+        raise ValueError(
+            f"{name} holds {what}, not numbers (a ragged list, or a table with a non-numeric "
+            "column?); pass an (n_samples, n_features) array of numbers, e.g. encode text "
+            "columns as integers first"
+        )
+    return array
 
 
-def as_data_tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Turn an array-like into a floating tensor; float tensors and arrays keep their dtype."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        t = torch.as_tensor(np.asarray(x))
+def as_tensor(value, dtype: torch.dtype, name: str = "value") -> torch.Tensor:
+    """A detached tensor of ``dtype`` from a tensor, array, or nested list of numbers."""
+    value = _numeric_array(value, name)
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return torch.as_tensor(value, dtype=dtype)
+
+
+def as_data_tensor(x, dtype: torch.dtype | None = None, name: str = "x") -> torch.Tensor:
+    """Turn real numbers into a floating tensor; float tensors and arrays keep their dtype.
+
+    ``ValueError`` naming the fix for complex, float16/bfloat16, text, object or ragged
+    input (see :func:`_numeric_array`).
+    """
+    x = _numeric_array(x, name)
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
     if dtype is not None:
         return t.to(dtype)
     if not t.is_floating_point():
@@ -49,6 +99,8 @@ def as_data_tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def check_data_matrix(t: torch.Tensor, data_dim: int, name: str = "x") -> torch.Tensor:
     """``ValueError`` with the fix unless ``t`` is a finite, non-empty (N, data_dim) matrix."""
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample.")
     if t.dim() != 2:
         raise ValueError(
             f"{name} must be 2-D with shape (n_samples, {data_dim}), got shape "
@@ -65,6 +117,29 @@ def check_data_matrix(t: torch.Tensor, data_dim: int, name: str = "x") -> torch.
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf; remove or impute those entries first.")
     return t
+
+
+def check_squares(t: torch.Tensor, what: str) -> None:
+    """``ValueError`` with the fix when the spread of a feature cannot be squared in t's dtype.
+
+    Variances need (x - mean)^2 summed over the rows: that overflows for a spread above
+    about sqrt(max / N) and underflows to 0 below sqrt(tiny).
+    """
+    if t.shape[0] == 0:
+        return
+    info = torch.finfo(t.dtype)
+    span = t.amax(0) - t.amin(0)  # (D,), inf if it overflows
+    sums = span.square() * t.shape[0]
+    too_large = ~torch.isfinite(sums)
+    too_small = (span > 0) & (span.square() < info.tiny)
+    for bad, word in ((too_large, "overflow"), (too_small, "underflow")):
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"feature {j} of x spans {float(span[j]):.3g}, whose square would {word} "
+                f"{t.dtype} in the sums of a {what}; rescale the data first, e.g. divide "
+                "each feature by its standard deviation (x / x.std(0))"
+            )
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -143,7 +218,40 @@ class MixtureModel(PyroModule):
         self.n_features_in_ = int(n_features)
         self.weights = PyroParam(torch.full((K,), 1.0 / K, dtype=dtype), constraints.simplex)
         self._build(int(n_features), dtype)
+        self._check_event_shape()
         return self
+
+    def _check_event_shape(self) -> None:
+        """``_component_dist`` of all K components: batch shape (K,), event shape (D,)."""
+        K, D = self.n_components, self.n_features_in_
+        with torch.no_grad():
+            component = self._component_dist(**self._component_params())
+        batch, event = tuple(component.batch_shape), tuple(component.event_shape)
+        if batch != (K,) or event != (D,):
+            hint = (
+                " add .to_event(1) so that the D features of one sample are one event, e.g. "
+                "dist.Exponential(rates).to_event(1)."
+                if event == () and batch == (K, D)
+                else " the parameters of _component_params must have first dimension K and "
+                "the distribution one event of D features."
+            )
+            raise ValueError(
+                f"{type(self).__name__}._component_dist must return a distribution with batch "
+                f"shape (n_components,) = ({K},) and event shape (n_features,) = ({D},) when "
+                f"given every component's parameters; it has batch shape {batch} and event "
+                f"shape {event}:" + hint
+            )
+
+    def unbuild(self) -> MixtureModel:
+        """Remove every parameter: the model is as constructed, unfitted."""
+        for name in list(self._pyro_params):
+            delattr(self, name)
+        self.n_features_in_ = None
+        self._unprepare()
+        return self
+
+    def _unprepare(self) -> None:
+        """Forget what :meth:`_prepare` read from the data (default: nothing)."""
 
     def build_for(self, x: torch.Tensor) -> MixtureModel:
         """Create every parameter for data like ``x`` (its feature count and dtype)."""
@@ -153,7 +261,7 @@ class MixtureModel(PyroModule):
     def assign(self, name: str, value) -> None:
         """Set a constrained parameter ``name`` to ``value`` (in place, keeps its dtype)."""
         current = getattr(self, name)
-        value = as_tensor(value, current.dtype)
+        value = as_tensor(value, current.dtype, name)
         if value.shape != current.shape:
             raise ValueError(
                 f"parameter {name!r} must have shape {tuple(current.shape)}, "
@@ -166,20 +274,60 @@ class MixtureModel(PyroModule):
         with torch.no_grad():
             unconstrained.copy_(transform_to(constraint).inv(value))
 
+    def param_names(self) -> tuple[str, ...]:
+        """Names ``set_params`` and ``init=`` dicts take: ``weights`` and the family's own.
+
+        Default: every ``PyroParam`` of the model; a family whose user-facing layout differs
+        (``GaussianMixture``: ``covariances``, not ``scale_tril``) overrides this.
+        """
+        return ("weights",) + tuple(n for n in self._pyro_params if n != "weights")
+
     def set_params(self, **params) -> MixtureModel:
-        """Set parameters by name: ``weights`` and the family's own (see its docstring)."""
+        """Set parameters by name: ``weights`` and the family's own (:meth:`param_names`).
+
+        Every value is checked; on any error nothing is changed.
+        """
         self._require_built()
-        weights = params.pop("weights", None)
-        if weights is not None:
-            w = as_tensor(weights, self.dtype)
-            if w.shape != (self.n_components,) or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-6:
-                raise ValueError(
-                    f"weights must be a probability vector of length {self.n_components} "
-                    "(non-negative, summing to 1)"
-                )
-            self.assign("weights", w / w.sum())
-        self._set_component_params(**params)
+        unknown = sorted(set(params) - set(self.param_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {unknown} for {type(self).__name__}; "
+                f"use {', '.join(self.param_names())}"
+            )
+        saved = {k: v.clone() for k, v in self.state_dict().items()}
+        try:
+            weights = params.pop("weights", None)
+            if weights is not None:
+                w = as_tensor(weights, self.dtype, "weights")
+                if (
+                    w.shape != (self.n_components,)
+                    or not bool(torch.isfinite(w).all())
+                    or bool((w < 0).any())
+                    or abs(float(w.sum()) - 1) > 1e-6
+                ):
+                    raise ValueError(
+                        f"weights must be a probability vector of length {self.n_components} "
+                        f"(non-negative, summing to 1), got {w.tolist()}"
+                    )
+                self.assign("weights", w / w.sum())
+            self._set_component_params(**params)
+        except BaseException:
+            self.load_state_dict(saved)  # nothing half-set
+            raise
         return self
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not name.endswith("_") or name.startswith("_"):
+                raise
+            if self.__dict__.get("n_features_in_") is None:  # fitted attributes before fit
+                self._require_built()
+            pyro_params = self.__dict__.get("_pyro_params", {})
+            if name[:-1] in pyro_params:  # a family's parameter ``rates`` -> ``rates_``
+                return super().__getattr__(name[:-1]).detach()
+            raise
 
     def _require_built(self) -> None:
         if not self.is_built:
@@ -221,7 +369,9 @@ class MixtureModel(PyroModule):
         With ``reset=True`` (a fresh fit) the fitted feature count and dtype are ignored.
         """
         fitted = self.is_built and not reset
-        t = as_data_tensor(x, self.dtype if fitted else None)
+        t = as_data_tensor(x, self.dtype if fitted else None, name)
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one sample.")
         if t.dim() != 2:
             raise ValueError(
                 f"{name} must be 2-D with shape (n_samples, n_features), got shape "

@@ -13,6 +13,11 @@ from torch.distributions import constraints
 
 from .base import MixtureModel
 
+#: largest n_categories taken from the data (codes above it are refused as not dense)
+MAX_INFERRED_CATEGORIES = 1 << 16
+#: largest K x D x C table of probabilities (2 GiB in float64)
+MAX_TABLE = 1 << 28
+
 
 class CategoricalMixture(MixtureModel):
     """Mixture of independent categorical features.
@@ -46,13 +51,36 @@ class CategoricalMixture(MixtureModel):
                 "n_categories is unknown: pass CategoricalMixture(K, n_categories=C) "
                 "or fit on data first"
             )
+        self._check_table_size(n_features)
         K, D, C = self.n_components, n_features, self.n_categories
         self.probs = PyroParam(torch.full((K, D, C), 1.0 / C, dtype=dtype), constraints.simplex)
 
     def _prepare(self, x: torch.Tensor) -> None:
         """Take ``n_categories = max(x) + 1`` if it was not given."""
         if not self._fixed_categories:
-            self.n_categories = int(x.max()) + 1
+            largest = int(x.max())
+            if largest + 1 > MAX_INFERRED_CATEGORIES:
+                raise ValueError(
+                    f"the largest category code in x is {largest}, so n_categories would be "
+                    f"{largest + 1}, most of them never seen; codes must be 0..C-1: re-encode "
+                    "each feature, e.g. np.unique(column, return_inverse=True)[1], or pass "
+                    "CategoricalMixture(K, n_categories=C) if there really are that many"
+                )
+            self.n_categories = largest + 1
+
+    def _unprepare(self) -> None:
+        if not self._fixed_categories:
+            self.n_categories = None
+
+    def _check_table_size(self, n_features: int) -> None:
+        K, C = self.n_components, self.n_categories
+        if K * n_features * C > MAX_TABLE:
+            raise ValueError(
+                f"a table of K x D x C = {K} x {n_features} x {C} category probabilities is "
+                f"too large ({K * n_features * C:.3g} values, more than {MAX_TABLE:.3g}); "
+                "re-encode the codes densely (0..C-1 with C the number of distinct values) "
+                "or use fewer components"
+            )
 
     def _component_params(self) -> dict[str, torch.Tensor]:
         return {"probs": self.probs}

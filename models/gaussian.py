@@ -22,7 +22,7 @@ import torch
 from pyro.nn import PyroParam
 from torch.distributions import constraints
 
-from .base import MixtureModel, as_tensor
+from .base import MixtureModel, as_tensor, check_squares
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
@@ -93,7 +93,11 @@ class ComponentMultivariateNormal(dist.MultivariateNormal):
             self._validate_sample(value)
         K, D = L.shape[0], L.shape[-1]
         L = L[:, 0]  # (K, D, D)
-        mu = loc[:, 0]  # (K, D)
+        # (x - c) P_k - (mu_k - c) P_k about a centre c near the data: without it, data far
+        # from the origin lose their digits in x P_k - mu_k P_k (two large, equal numbers)
+        centre = loc[:, 0].detach().mean(0)  # (D,)
+        mu = loc[:, 0] - centre  # (K, D)
+        value = value - centre
         eye = torch.eye(D, dtype=L.dtype, device=L.device).expand(K, D, D)
         P = torch.linalg.solve_triangular(L, eye, upper=False).mT  # L_k^{-T}, (K, D, D)
         W = P.permute(1, 0, 2).reshape(D, K * D)  # [P_1 | ... | P_K]
@@ -133,6 +137,24 @@ class GaussianMixture(MixtureModel):
             )
         super().__init__(n_components)
         self.covariance_type = covariance_type
+
+    def param_names(self) -> tuple[str, ...]:
+        return ("weights", "means", "covariances")
+
+    def build_for(self, x: torch.Tensor) -> GaussianMixture:
+        """Build for data like ``x``, every mean at the data's centre.
+
+        The first sums of a fit are then taken about the centre of the data (see
+        :class:`~elbolab.inference.statistics.GaussianStatistics`), so data far from the
+        origin keep their digits.
+        """
+        super().build_for(x)
+        with torch.no_grad():
+            self.means.copy_(x.mean(0).expand_as(self.means))
+        return self
+
+    def _check_support(self, x: torch.Tensor, fitted: bool) -> None:
+        check_squares(x, "GaussianMixture")
 
     def _build(self, n_features: int, dtype: torch.dtype) -> None:
         K, D = self.n_components, n_features
@@ -189,8 +211,12 @@ class GaussianMixture(MixtureModel):
         return self.scales.detach() ** 2
 
     def set_covariances(self, covariances) -> None:
-        """Set covariances given in scikit-learn's layout (see ``covariances_``)."""
-        cov = as_tensor(covariances, self.dtype)
+        """Set covariances given in scikit-learn's layout (see ``covariances_``).
+
+        ``ValueError`` naming the component when a given matrix is not symmetric (to
+        1e-8 relative) or not positive definite, or a given variance is not positive.
+        """
+        cov = as_tensor(covariances, self.dtype, "covariances")
         K, D = self.n_components, self.n_features_in_
         expected = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}
         shape = expected[self.covariance_type]
@@ -199,19 +225,45 @@ class GaussianMixture(MixtureModel):
                 f"covariances for covariance_type={self.covariance_type!r} must have shape "
                 f"{shape}, got {tuple(cov.shape)}"
             )
+        if not bool(torch.isfinite(cov).all()):
+            raise ValueError("the given covariances contain NaN or inf; pass finite values")
         if self.covariance_type in ("full", "tied"):
-            self.assign("scale_tril", cholesky_or_raise(cov, self.covariance_type))
-        else:
-            if not bool((cov > 0).all()):
-                raise singular_covariance_error(self.covariance_type)
-            self.assign("scales", cov.sqrt())
-
-    def _set_component_params(self, means=None, covariances=None, **unknown) -> None:
-        if unknown:
+            self.assign("scale_tril", self._given_cholesky(cov))
+            return
+        bad = (cov <= 0).nonzero()
+        if len(bad):
+            where = "component " + str(int(bad[0, 0])) if cov.dim() else ""
             raise ValueError(
-                f"unknown parameter(s) {sorted(unknown)} for GaussianMixture; "
-                "use weights, means, covariances"
+                f"the given {self.covariance_type} covariances must be positive; {where} has "
+                f"{float(cov[tuple(bad[0])]):g}. Pass variances > 0, e.g. x.var(0) + 1e-6."
             )
+        self.assign("scales", cov.sqrt())
+
+    def _given_cholesky(self, cov: torch.Tensor) -> torch.Tensor:
+        """Cholesky factor of user-given covariances (D, D) or (K, D, D), checked."""
+        batched = cov.unsqueeze(0) if cov.dim() == 2 else cov
+        scale = batched.abs().amax((-2, -1)).clamp_min(torch.finfo(cov.dtype).tiny)
+        asym = (batched - batched.mT).abs().amax((-2, -1)) / scale
+        for k in range(batched.shape[0]):
+            what = "the tied covariance" if cov.dim() == 2 else f"covariances[{k}]"
+            if float(asym[k]) > 1e-8:
+                raise ValueError(
+                    f"{what} is not symmetric (largest |C - C^T| is {float(asym[k]):.2g} of its "
+                    "largest entry); pass symmetric matrices, e.g. (C + C.T) / 2"
+                )
+        L, info = torch.linalg.cholesky_ex((batched + batched.mT) / 2)
+        for k in range(batched.shape[0]):
+            if int(info[k]) != 0:
+                what = "the tied covariance" if cov.dim() == 2 else f"covariances[{k}]"
+                smallest = float(torch.linalg.eigvalsh(batched[k]).min())
+                raise ValueError(
+                    f"{what} is not positive definite (its smallest eigenvalue is "
+                    f"{smallest:.3g}); pass positive-definite matrices, e.g. np.cov(x.T) + "
+                    "1e-6 * np.eye(D)"
+                )
+        return L[0] if cov.dim() == 2 else L
+
+    def _set_component_params(self, means=None, covariances=None) -> None:
         if means is not None:
             self.assign("means", means)
         if covariances is not None:

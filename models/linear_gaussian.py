@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -26,7 +25,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
-from .base import as_data_tensor, check_data_matrix
+from .base import as_data_tensor, as_tensor, check_data_matrix, check_squares
 from .vae import ancestral_sample, check_positive_int
 
 
@@ -89,15 +88,49 @@ class LinearGaussian(PyroModule):
         """mu, shape (D,)."""
         return self.mean.detach()
 
+    def param_names(self) -> tuple[str, ...]:
+        """Names ``set_params`` and ``init=`` dicts take."""
+        return ("weight", "mean", "noise")
+
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the ``noise`` that :meth:`set_params` takes."""
+        return (self.data_dim,)
+
     @torch.no_grad()
     def set_params(self, weight=None, mean=None, noise=None) -> LinearGaussian:
-        """Set W (D, k), mu (D,) and the noise (PPCA: sigma^2; FA: psi (D,)) in place."""
-        if weight is not None:
-            self.weight.copy_(torch.as_tensor(np.asarray(weight), dtype=self.dtype))
-        if mean is not None:
-            self.mean.copy_(torch.as_tensor(np.asarray(mean), dtype=self.dtype))
-        if noise is not None:
-            self.set_noise(torch.as_tensor(np.asarray(noise), dtype=self.dtype))
+        """Set W (D, k), mu (D,) and the noise (PPCA: sigma^2; FA: psi (D,)) in place.
+
+        Every value is checked (shape, finite, noise positive) before any is set.
+        """
+        D, k = self.data_dim, self.latent_dim
+        given = {}
+        for name, value, shape in (
+            ("weight", weight, (D, k)),
+            ("mean", mean, (D,)),
+            ("noise", noise, self.noise_shape()),
+        ):
+            if value is None:
+                continue
+            t = as_tensor(value, self.dtype, name)
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{name} must have shape {shape} for {type(self).__name__}"
+                    f"(data_dim={D}, latent_dim={k}), got {tuple(t.shape)}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or inf; pass finite values")
+            if name == "noise" and not bool((t > 0).all()):
+                raise ValueError(
+                    f"noise must be positive (a variance), got {t.tolist()}; e.g. the data's "
+                    "variance x.var(0)"
+                )
+            given[name] = t
+        if "weight" in given:
+            self.weight.copy_(given["weight"])
+        if "mean" in given:
+            self.mean.copy_(given["mean"])
+        if "noise" in given:
+            self.set_noise(given["noise"])
         return self
 
     # ------------------------------------------------------------------ the Pyro program
@@ -165,10 +198,12 @@ class LinearGaussian(PyroModule):
         model to it instead, as the mixtures do. ``ValueError`` with the fix for: not
         2-D, empty, wrong feature count, NaN/inf.
         """
-        t = as_data_tensor(x)
+        t = as_data_tensor(x, name=name)
         if reset and t.dtype != self.dtype:
             self.to(t.dtype)
-        return check_data_matrix(t.to(self.dtype), self.data_dim, name)
+        t = check_data_matrix(t.to(self.dtype), self.data_dim, name)
+        check_squares(t, type(self).__name__)
+        return t
 
     def extra_repr(self) -> str:
         return f"data_dim={self.data_dim}, latent_dim={self.latent_dim}"
@@ -191,6 +226,9 @@ class PPCA(LinearGaussian):
 
     def noise_variances(self) -> torch.Tensor:
         return self.sigma2.expand(self.data_dim)
+
+    def noise_shape(self) -> tuple[int, ...]:
+        return ()
 
     @torch.no_grad()
     def set_noise(self, variances: torch.Tensor) -> None:
