@@ -44,12 +44,15 @@ class AmortizedNormal(PyroModule):
     data_dim, latent_dim:
         n and k.
     hidden:
-        Hidden layer sizes of the default encoder MLP.
+        Hidden layer sizes of the default encoder MLP: any iterable of positive ints,
+        e.g. ``(128,)`` (an int alone is refused: one layer of 16 is ``hidden=(16,)``).
     scale:
         ``"unit"`` (the lecture's ENC) or ``"learned"``.
     encoder:
         Any ``nn.Module``: x (N, n) -> mu_E (N, k) for ``"unit"``, or -> (mu_E, sigma_E)
-        for ``"learned"``.
+        for ``"learned"``. It only ever sees 2-D inputs (evaluation draws the particles
+        from the distribution it returns), and its check at construction leaves its
+        buffers and train/eval mode as they were.
     latent_site:
         Name of the model's latent site.
     """
@@ -70,6 +73,11 @@ class AmortizedNormal(PyroModule):
         )
         if scale not in ("unit", "learned"):
             raise ValueError(f"scale must be 'unit' or 'learned', got {scale!r}")
+        if not isinstance(latent_site, str) or not latent_site:
+            raise ValueError(
+                f"latent_site must be the name of the model's latent site, got {latent_site!r}; "
+                "e.g. latent_site='z' for VAE"
+            )
         self.scale, self.latent_site = scale, latent_site
         if encoder is None:
             hidden = check_hidden(hidden)

@@ -34,6 +34,19 @@ train/eval mode, and every parameter's and buffer's identity, dtype, device and
 conditions, so with validation enabled every call runs eagerly (``SVITrainer`` checks
 the first step of each fit and compiles the rest); so do calls made inside other Pyro
 handlers (e.g. a KL warm-up's site scale).
+
+Module state. The recorded graph replays *tensor operations only*; whatever else the
+model's or the guide's ``forward`` does in Python (incrementing a call counter,
+appending to a list, reading a flag) happens once per recording, not once per call.
+Programs whose forward pass has such side effects should be run with ``compile=False``
+(or keep that state in tensors they do not change in the forward pass). What can be
+detected is detected: a forward pass that changes a buffer (in place, like
+``BatchNorm`` in training mode updating its running statistics and
+``num_batches_tracked``, or by assigning a new tensor) is found by comparing every
+buffer before and after the recording; the recording's change is undone, and calls
+with that key run eagerly, with the reason in ``fallbacks``. So compiled and eager
+training leave the same buffers (checked in ``tests/test_svi_reliability.py``). In eval
+mode such modules do not change their buffers and are compiled as usual.
 """
 
 from __future__ import annotations
@@ -89,6 +102,50 @@ def _module_state(module: torch.nn.Module) -> tuple:
     return tuple(state)
 
 
+class _Buffer(NamedTuple):
+    name: str  # "model.decoder.1.running_mean"
+    module: torch.nn.Module
+    key: str  # its name in module._buffers
+    tensor: torch.Tensor
+    version: int
+    value: torch.Tensor  # a copy of its values
+
+
+def _snapshot_buffers(model: torch.nn.Module, guide: torch.nn.Module) -> list[_Buffer]:
+    """Every buffer of ``model`` and ``guide``: its object, version counter and values."""
+    out = []
+    for prefix, root in (("model", model), ("guide", guide)):
+        for path, m in root.named_modules():
+            for key, t in m._buffers.items():
+                if t is not None:
+                    name = ".".join(p for p in (prefix, path, key) if p)
+                    out.append(_Buffer(name, m, key, t, t._version, t.detach().clone()))
+    return out
+
+
+def _restore_buffers(buffers: list[_Buffer]) -> list[str]:
+    """Put every buffer back as snapshotted; returns the names of those that had changed.
+
+    A buffer changed if its module holds another tensor now, or its version counter moved
+    (an in-place write), or its values differ.
+    """
+    changed = []
+    with torch.no_grad():
+        for b in buffers:
+            now = b.module._buffers.get(b.key)
+            moved = now is not b.tensor or b.tensor._version != b.version
+            if b.tensor.shape != b.value.shape:
+                b.tensor.data = b.value
+                moved = True
+            elif not torch.equal(b.tensor, b.value):
+                b.tensor.copy_(b.value)
+                moved = True
+            b.module._buffers[b.key] = b.tensor
+            if moved:
+                changed.append(b.name)
+    return changed
+
+
 class _PyroLossValueAsNaN(TorchFunctionMode):
     """While tracing, Pyro's ``.item()`` of the loss value gives NaN instead of failing.
 
@@ -124,6 +181,13 @@ class CompiledELBO(torch.nn.Module):
     ``module.loss_and_grads(*tensors, scale=s)`` returns s times its value and adds the
     gradient of that to the parameters' ``.grad``.
 
+    The rule for module state: a recorded graph replays tensor operations only. Python
+    side effects of the programs' ``forward`` (a call counter, a list appended to) happen
+    once per recording, not once per call; keep such programs eager (``SVITrainer(...,
+    compile=False)``). Buffers that a forward pass changes (BatchNorm in training mode)
+    are detected while recording: that key runs eagerly, its reason in ``fallbacks``,
+    and the recording's changes are undone, so the buffers end as eager calls leave them.
+
     Attributes
     ----------
     graphs:
@@ -131,7 +195,9 @@ class CompiledELBO(torch.nn.Module):
         inputs are the tensors it reads (parameters, folded constants), then the
         arguments.
     fallbacks:
-        Why a key runs eagerly: the tracing error, by key.
+        Why a key runs eagerly, by key: the tracing error, or the buffers the forward
+        pass changes (see the module docstring: the graph replays tensor operations
+        only, and Python side effects of ``forward`` happen once per recording).
     """
 
     def __init__(
@@ -242,11 +308,13 @@ class CompiledELBO(torch.nn.Module):
         made = record(options)
         fn, params = made if isinstance(made, tuple) else (made, [])
         cuda = sorted({a.device.index or 0 for a in args if a.device.type == "cuda"})
+        buffers = _snapshot_buffers(self.model, self.guide)
         try:
             # recording runs the program once: fork the RNG so that no draw is consumed
             with torch.random.fork_rng(devices=cuda), pyro.validation_enabled(False):
                 graph = make_fx(lambda *tensors: fn(*tensors))(*args)
         except Exception as error:  # the program reads a value, or cannot run at all
+            _restore_buffers(buffers)
             if self.strict:
                 raise TracingFailed(
                     f"cannot trace {type(self.elbo).__name__} for inputs of shape "
@@ -256,6 +324,24 @@ class CompiledELBO(torch.nn.Module):
                 ) from error
             self.graphs[key] = None
             self.fallbacks[key] = f"{type(error).__name__}: {error}"
+            return None
+        changed = _restore_buffers(buffers)  # undo what the recording's run changed
+        if changed:
+            shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+            reason = (
+                f"the forward pass changes buffers ({shown}), e.g. BatchNorm's running "
+                "statistics in training mode: a replayed graph would not update them as "
+                "the program does, so calls with these inputs run eagerly (put such "
+                "modules in eval mode to compile them)"
+            )
+            if self.strict:
+                raise TracingFailed(
+                    f"cannot compile {type(self.elbo).__name__} for inputs of shape "
+                    f"{[tuple(a.shape) for a in args]}: {reason}; use strict=False to run "
+                    "such calls eagerly."
+                )
+            self.graphs[key] = None
+            self.fallbacks[key] = reason
             return None
         self.graphs[key] = simplify(graph)
         fresh = fresh_outputs(graph)[1:]  # the gradients (the loss comes first)

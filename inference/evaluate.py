@@ -21,6 +21,11 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
+from ..models.vae import check_positive_int
+
+_PARTICLES = "draws of z per datapoint, e.g. num_particles=10"
+_BATCH = "datapoints per pass, e.g. batch_size=256"
+
 
 def _log_weights(
     model, guide, x: torch.Tensor, num_samples: int, latent_site: str, analytic_kl: bool = False
@@ -66,8 +71,11 @@ def elbo_per_datapoint(
     """Monte Carlo estimate of LB_d for every datapoint, shape (N,).
 
     ``analytic_kl=True`` computes -KL(q(z | x_d) || p(z)) in closed form (VAE-KL) and only
-    the reconstruction term by sampling.
+    the reconstruction term by sampling. ``num_particles`` and ``batch_size`` are positive
+    integers (NumPy integers too); anything else is a ``ValueError``.
     """
+    num_particles = check_positive_int("num_particles", num_particles, _PARTICLES)
+    batch_size = check_positive_int("batch_size", batch_size, _BATCH)
     x = _validate(model, x)
     chunks = []
     for start in range(0, x.shape[0], batch_size):
@@ -91,10 +99,17 @@ def iwae_log_likelihood(
 
     log p(x_d) ~= log (1/K) sum_k exp(log p(x_d, z_k) - log q(z_k | x_d)), z_k ~ q(z | x_d).
     A lower bound in expectation for every K, equal to the ELBO estimator at K = 1, and
-    tight as K -> infinity.
+    tight as K -> infinity. ``num_samples``, ``batch_size`` (datapoints per pass) and
+    ``sample_chunk`` (samples per pass) are positive integers (NumPy integers too);
+    anything else is a ``ValueError``.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = check_positive_int(
+        "num_samples", num_samples, "the number of importance samples K, e.g. num_samples=1000"
+    )
+    batch_size = check_positive_int("batch_size", batch_size, _BATCH)
+    sample_chunk = check_positive_int(
+        "sample_chunk", sample_chunk, "samples drawn per pass, e.g. sample_chunk=100"
+    )
     x = _validate(model, x)
     out = []
     for start in range(0, x.shape[0], batch_size):
@@ -149,9 +164,11 @@ def bound_terms(
     lb1 + lb2 is :func:`elbo_per_datapoint` with the same ``analytic_kl``: from the same
     random state both use the same draws, so the sums agree to rounding. For the lecture's
     N(mu_D, I) decoder, lb1 = -(n/2) log 2 pi + LB1 of VAE-LB (the constant included).
+    ``num_particles`` and ``batch_size`` are positive integers (NumPy integers too);
+    anything else is a ``ValueError``.
     """
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    num_particles = check_positive_int("num_particles", num_particles, _PARTICLES)
+    batch_size = check_positive_int("batch_size", batch_size, _BATCH)
     x = _validate(model, x)
     lb1, lb2 = [], []
     for start in range(0, x.shape[0], batch_size):

@@ -17,6 +17,9 @@ likelihood         p(x | z)                            decoder output
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -24,7 +27,7 @@ import torch
 from pyro.nn import PyroModule, PyroParam
 from pyro.ops.special import log_binomial
 from torch import nn
-from torch.distributions import constraints
+from torch.distributions import constraints, transform_to
 
 from .base import as_data_tensor, check_data_matrix
 
@@ -44,6 +47,10 @@ def mlp(
 
 
 def check_positive_int(name: str, value, hint: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (NumPy integers too, bools not).
+
+    Otherwise a ``ValueError``: ``"<name> must be a positive integer, got <value>; <hint>"``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}; {hint}")
     return int(value)
@@ -60,32 +67,134 @@ def ancestral_sample(program, n: int, seed: int | None = None) -> tuple[torch.Te
 
 
 def check_hidden(hidden) -> tuple[int, ...]:
+    """Hidden layer sizes as a tuple of positive ints, from any iterable of them.
+
+    A bare integer is refused (``hidden=16`` means one layer of 16: ``hidden=(16,)``), as
+    are strings and non-iterables, with a ``ValueError`` that shows the tuple to pass.
+    """
+    if isinstance(hidden, (int, np.integer)) and not isinstance(hidden, bool):
+        raise ValueError(
+            f"hidden must be a sequence of layer sizes, got the integer {hidden!r}; pass a "
+            f"tuple, e.g. hidden=({int(hidden)},) for one hidden layer of {int(hidden)} units"
+        )
+    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+        raise ValueError(
+            f"hidden must be a sequence of layer sizes, got {hidden!r}; pass a tuple, "
+            "e.g. hidden=(128,), or hidden=() for no hidden layer"
+        )
     hidden = tuple(hidden)
     for h in hidden:
         check_positive_int("every hidden layer size", h, "e.g. hidden=(128,)")
-    return hidden
+    return tuple(int(h) for h in hidden)
+
+
+def _cuda_devices(*modules: nn.Module) -> list[int]:
+    """The CUDA device indices the tensors of ``modules`` live on (for ``fork_rng``)."""
+    devices = set()
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            if t.device.type == "cuda":
+                devices.add(t.device.index or 0)
+    return sorted(devices)
+
+
+@contextmanager
+def leaves_unchanged(*modules: nn.Module) -> Iterator[None]:
+    """Run a probe of ``modules`` that leaves no trace: buffers, modes and RNG restored.
+
+    On exit every buffer is the tensor object it was, holding the values it held (a
+    BatchNorm's running statistics and ``num_batches_tracked`` included), every submodule
+    is back in its train/eval mode, and torch's global random state (CPU and the CUDA
+    devices the modules use) is what it was: a probe that runs dropout draws nothing
+    from the caller's stream. Python attributes a forward pass changes (a call counter)
+    cannot be restored.
+    """
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    buffers = [
+        (m, name, t, t.detach().clone())
+        for module in modules
+        for m in module.modules()
+        for name, t in m._buffers.items()
+        if t is not None
+    ]
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(*modules)):
+            yield
+    finally:
+        with torch.no_grad():
+            for m, name, t, saved in buffers:
+                m._buffers[name] = t  # a buffer the probe reassigned gets its object back
+                if t.shape != saved.shape:
+                    t.data = saved
+                elif not torch.equal(t, saved):
+                    t.copy_(saved)
+        for m, training in modes:
+            m.training = training
+
+
+def _shape(shapes: list[tuple[int, ...]]):
+    return shapes if len(shapes) > 1 else shapes[0]
 
 
 def check_network(
-    net: nn.Module, in_dim: int, out_shapes: list[tuple[int, ...]], role: str, dtype: torch.dtype
+    net: nn.Module,
+    in_dim: int,
+    out_shapes: list[tuple[int, ...]],
+    role: str,
+    dtype: torch.dtype,
+    leading_dims: bool = False,
 ) -> None:
-    """Run ``net`` on a (2, in_dim) input and compare output shapes, at construction."""
-    probe = torch.zeros(2, in_dim, dtype=dtype)
-    try:
-        with torch.no_grad():
-            out = net(probe)
-    except Exception as error:  # a shape error deep inside the user's network
-        raise ValueError(
-            f"the {role} cannot take inputs of shape (batch, {in_dim}): {error}; "
-            f"its first layer must accept {in_dim} features"
-        ) from error
-    outs = out if isinstance(out, tuple) else (out,)
-    got = [tuple(o.shape) for o in outs]
-    if got != out_shapes:
-        raise ValueError(
-            f"the {role} maps (2, {in_dim}) to {got if len(got) > 1 else got[0]}, expected "
-            f"{out_shapes if len(out_shapes) > 1 else out_shapes[0]}; make its output match"
+    """Run ``net`` on a (2, in_dim) input and compare output shapes, at construction.
+
+    ``out_shapes``: the expected output shapes for that input, e.g. ``[(2, n)]``. With
+    ``leading_dims`` the network is also run on a (3, 2, in_dim) input and must return
+    (3, 2, ...): the decoder sees z of shape (samples, batch, k) when particles are drawn
+    in an outer plate (``elbo_per_datapoint``, ``iwae_log_likelihood``, vectorised
+    particles). The probes run without gradients and leave every buffer, every
+    submodule's train/eval mode and the global random state as they were
+    (:func:`leaves_unchanged`). ``ValueError`` saying what to change otherwise.
+    """
+    with leaves_unchanged(net), torch.no_grad():
+        try:
+            out = net(torch.zeros(2, in_dim, dtype=dtype))
+        except Exception as error:  # a shape error deep inside the user's network
+            raise ValueError(
+                f"the {role} cannot take inputs of shape (batch, {in_dim}): {error}; "
+                f"its first layer must accept {in_dim} features"
+            ) from error
+        outs = out if isinstance(out, tuple) else (out,)
+        got = [tuple(o.shape) for o in outs]
+        if got != out_shapes:
+            raise ValueError(
+                f"the {role} maps (2, {in_dim}) to {_shape(got)}, expected "
+                f"{_shape(out_shapes)}; make its output match"
+            )
+        if not leading_dims:
+            return
+        out_dims = ", ".join(str(s[-1]) for s in out_shapes)
+        fix = (
+            f"the {role} must accept any leading dimensions, (..., {in_dim}) -> "
+            f"(..., {out_dims}), because particles are drawn in an outer plate "
+            f"(elbo_per_datapoint, iwae_log_likelihood and vectorised particles pass "
+            f"(samples, batch, {in_dim})): use nn.Linear layers, or flatten only the leading "
+            f"dimensions, h = z.reshape(-1, {in_dim}), and restore them on the output, "
+            "out.reshape(*z.shape[:-1], -1)"
         )
+        try:
+            out = net(torch.zeros(3, 2, in_dim, dtype=dtype))
+        except Exception as error:
+            raise ValueError(
+                f"the {role} fails on an input of shape (3, 2, {in_dim}) "
+                f"({type(error).__name__}: {error}); {fix}"
+            ) from error
+        outs = out if isinstance(out, tuple) else (out,)
+        got = [tuple(o.shape) for o in outs]
+        expected = [(3, *s) for s in out_shapes]
+        if got != expected:
+            raise ValueError(
+                f"the {role} maps (3, 2, {in_dim}) to {_shape(got)}, expected "
+                f"{_shape(expected)}; {fix}"
+            )
 
 
 class LogitBinomial(dist.Binomial):
@@ -119,14 +228,18 @@ class VAE(PyroModule):
     latent_dim:
         k, the dimension of z.
     hidden:
-        Hidden layer sizes of the default decoder MLP (k -> hidden -> n).
+        Hidden layer sizes of the default decoder MLP (k -> hidden -> n): any iterable of
+        positive ints, e.g. ``(128,)`` (an int alone is refused: ``hidden=(16,)``).
     likelihood:
         ``"gaussian-unit"`` (default, the lecture's N(mu_D, I)), ``"gaussian"``,
         ``"bernoulli"`` or ``"binomial"``.
     count:
         Number of trials for ``"binomial"`` (16 for scikit-learn's digits).
     decoder:
-        Any ``nn.Module`` mapping (..., k) to (..., n), replacing the default MLP.
+        Any ``nn.Module`` mapping (..., k) to (..., n), replacing the default MLP. It is
+        checked at construction on (2, k) and (3, 2, k) inputs (evaluation draws particles
+        in an outer plate, so z has leading sample dimensions); the checks leave its
+        buffers (BatchNorm statistics) and train/eval mode as they were.
     """
 
     latent_site = "z"
@@ -162,9 +275,24 @@ class VAE(PyroModule):
             decoder if decoder is not None else mlp([latent_dim, *check_hidden(hidden), data_dim])
         )
         dtype = next(self.decoder.parameters(), torch.zeros(())).dtype
-        check_network(self.decoder, latent_dim, [(2, data_dim)], "decoder", dtype)
+        check_network(
+            self.decoder, latent_dim, [(2, data_dim)], "decoder", dtype, leading_dims=True
+        )
         if likelihood == "gaussian":
             self.scale = PyroParam(torch.ones(data_dim, dtype=dtype), constraints.positive)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the likelihood's own parameters in place: the ``"gaussian"`` scale
+        sigma back to ones (the parameter object stays the same).
+
+        The decoder's layers have their own ``reset_parameters``; ``SVITrainer`` calls
+        every submodule's when its seed re-draws the starting weights.
+        """
+        unconstrained = self._parameters.get("scale_unconstrained")
+        if unconstrained is not None:
+            with torch.no_grad():
+                ones = torch.ones_like(unconstrained)
+                unconstrained.copy_(transform_to(constraints.positive).inv(ones))
 
     # ------------------------------------------------------------------ the Pyro program
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +345,7 @@ class VAE(PyroModule):
         ``ValueError`` with the fix for: not 2-D, empty, wrong feature count, NaN/inf,
         non-binary data (``"bernoulli"``), values outside 0..count (``"binomial"``).
         """
-        t = check_data_matrix(as_data_tensor(x, self._dtype()), self.data_dim, name)
+        t = check_data_matrix(as_data_tensor(x, self._dtype(), name), self.data_dim, name)
         if self.likelihood == "bernoulli" and not bool(((t == 0) | (t == 1)).all()):
             raise ValueError(
                 "the bernoulli likelihood needs binary data (every entry 0 or 1); binarise "
