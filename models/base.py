@@ -85,15 +85,19 @@ def as_tensor(value, dtype: torch.dtype, name: str = "value") -> torch.Tensor:
 def as_data_tensor(x, dtype: torch.dtype | None = None, name: str = "x") -> torch.Tensor:
     """Turn real numbers into a floating tensor; float tensors and arrays keep their dtype.
 
-    ``ValueError`` naming the fix for complex, float16/bfloat16, text, object or ragged
-    input (see :func:`_numeric_array`).
+    Integers and booleans become float64, which holds every integer up to 2^53 exactly (as
+    scikit-learn does; float32 would round codes or counts above 2^24). ``ValueError``
+    naming the fix for complex, float16/bfloat16, text, object or ragged input (see
+    :func:`_numeric_array`).
     """
     x = _numeric_array(x, name)
+    if isinstance(x, np.ndarray) and not x.flags.writeable:  # e.g. a DataFrame's values
+        x = x.copy()
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
     if dtype is not None:
         return t.to(dtype)
     if not t.is_floating_point():
-        t = t.to(torch.get_default_dtype())
+        t = t.to(torch.float64)
     return t
 
 
