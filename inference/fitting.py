@@ -20,7 +20,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ..guides import ExactPosterior
-from ..models.base import MixtureModel
+from ..models.base import MixtureModel, as_tensor
 from .chunks import DEFAULT_CHUNK_SIZE, DataSource, InMemory, chunked_source, is_chunked
 from .gradient_m_step import gradient_m_step
 from .init import INIT_METHODS, initial_responsibilities
@@ -90,12 +90,7 @@ def check_sample_weight(
     """
     if sample_weight is None:
         return None
-    w = torch.as_tensor(
-        np.asarray(sample_weight)
-        if not isinstance(sample_weight, torch.Tensor)
-        else sample_weight.detach(),
-        dtype=dtype,
-    )
+    w = as_tensor(sample_weight, torch.float64, "sample_weight")
     if w.shape != (n,):
         raise ValueError(
             f"sample_weight must have shape ({n},), one weight per sample, got {tuple(w.shape)}"
@@ -103,10 +98,17 @@ def check_sample_weight(
     if (
         not bool(torch.isfinite(w).all())
         or bool((w < 0).any())
-        or (positive_sum and float(w.sum()) <= 0)
+        or (positive_sum and not bool((w > 0).any()))
     ):
         raise ValueError("sample_weight must be finite and non-negative with a positive sum")
-    return w
+    cast = w.to(dtype)
+    if not bool(torch.isfinite(cast).all()) or bool(((cast == 0) & (w > 0)).any()):
+        raise ValueError(
+            f"sample_weight has values that {dtype} (the data's dtype) cannot hold (largest "
+            f"{float(w.max()):.3g}, smallest positive {float(w[w > 0].min()):.3g}); only their "
+            "ratios matter, so divide them by their mean, or pass float64 data"
+        )
+    return cast
 
 
 def drop_zero_weights(x: torch.Tensor, w: torch.Tensor | None) -> tuple:

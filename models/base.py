@@ -124,25 +124,28 @@ def check_data_matrix(t: torch.Tensor, data_dim: int, name: str = "x") -> torch.
 
 
 def check_squares(t: torch.Tensor, what: str) -> None:
-    """``ValueError`` with the fix when the spread of a feature cannot be squared in t's dtype.
+    """``ValueError`` with the fix when the spread of a feature is too large or too small
+    for its squares to be summed in t's dtype with room to spare.
 
-    Variances need (x - mean)^2 summed over the rows: that overflows for a spread above
-    about sqrt(max / N) and underflows to 0 below sqrt(tiny).
+    Variances need (x - mean)^2 summed over the rows. The room kept is a factor 1/eps on
+    each side (1e16 in float64: spreads between about 1e-146 and 1e146 / sqrt(N)), so the
+    products and quotients of an update stay normal numbers.
     """
     if t.shape[0] == 0:
         return
     info = torch.finfo(t.dtype)
     span = t.amax(0) - t.amin(0)  # (D,), inf if it overflows
     sums = span.square() * t.shape[0]
-    too_large = ~torch.isfinite(sums)
-    too_small = (span > 0) & (span.square() < info.tiny)
+    too_large = ~(sums < info.max * info.eps)
+    too_small = (span > 0) & (span.square() < info.tiny / info.eps)
     for bad, word in ((too_large, "overflow"), (too_small, "underflow")):
         if bool(bad.any()):
             j = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"feature {j} of x spans {float(span[j]):.3g}, whose square would {word} "
-                f"{t.dtype} in the sums of a {what}; rescale the data first, e.g. divide "
-                "each feature by its standard deviation (x / x.std(0))"
+                f"feature {j} of x spans {float(span[j]):.3g}, whose square would come "
+                f"within a factor 1/eps of {word} in {t.dtype} in the sums of a {what}; "
+                "rescale the data first, e.g. divide each feature by its standard deviation "
+                "(x / x.std(0))"
             )
 
 

@@ -106,10 +106,10 @@ def test_spans_that_cannot_be_squared_are_refused():
     for factor, word in ((1e300, "overflow"), (1e-200, "underflow")):
         y = x.copy()
         y[:, 1] *= factor
-        with refused("feature 1 of x spans", f"would {word}", "rescale the data first"):
+        with refused("feature 1 of x spans", f"of {word}", "rescale the data first"):
             fit(GaussianMixture(2), y)
         m = FactorAnalysis(2, 1)
-        with refused("feature 1 of x spans", f"would {word}", "rescale"):
+        with refused("feature 1 of x spans", f"of {word}", "rescale"):
             EM(m, ExactGaussianPosterior(m), progress=False).fit(y)
 
 
