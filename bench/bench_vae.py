@@ -285,6 +285,7 @@ class TrainerContender:
             seed=SEED,
             progress=False,
             compile=mode == "trainer",
+            warm_start=True,  # every contender starts from the same copied weights
         )
         self.model, self.guide = model, guide
         self.fit_overheads: list[float] = []

@@ -55,6 +55,14 @@ class LinearGaussian(PyroModule):
         self.weight = nn.Parameter(0.1 * torch.randn(self.data_dim, self.latent_dim))
         self.mean = nn.Parameter(torch.zeros(self.data_dim))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The starting point of gradient training, drawn from torch's generator in place:
+        W ~ N(0, 0.1^2), mu = 0, noise variances 1 (``SVITrainer(seed=...)`` calls this)."""
+        self.weight.copy_(0.1 * torch.randn(self.weight.shape, dtype=self.dtype))
+        self.mean.zero_()
+        self.set_noise(torch.ones(self.data_dim, dtype=self.dtype))
+
     # ------------------------------------------------------------------ parameters
     def noise_variances(self) -> torch.Tensor:
         """The diagonal of Psi, shape (D,)."""
