@@ -6,6 +6,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``elbolab`` command line ``argv`` (default: ``sys.argv[1:]``); the exit status.
+
+    0 done, 2 a bad command line or ``--out`` (one line on stderr, before anything runs).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(
@@ -17,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "demo":
         from .demo import main as demo_main
 
-        demo_main(argv[1:])
-        return 0
+        return demo_main(argv[1:])
     print(f"elbolab: unknown command {argv[0]!r}; try 'elbolab demo'", file=sys.stderr)
     return 2
 

@@ -16,9 +16,11 @@ PPCA three ways (:mod:`elbolab.demo_ppca`).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -270,9 +272,34 @@ def run(out_dir: str | Path = "out/demo", fast: bool = False) -> dict:
     return fits
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="elbolab demo", description=__doc__.split("\n")[0])
+class UsageError(ValueError):
+    """A bad command line for ``elbolab demo``; its message says what to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are raised (one line each), not printed with usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see 'elbolab demo --help'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``elbolab demo [--out DIR] [--fast]``; returns the exit status.
+
+    A bad command line or an ``--out`` that cannot be written (an existing file, a path
+    under a file, a place this process may not write) is one line on stderr and status 2,
+    found before anything is fitted.
+    """
+    from .inference.distributed.files import check_output_folder
+
+    parser = _Parser(prog="elbolab demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/demo", help="folder for the figures")
     parser.add_argument("--fast", action="store_true", help="looser tolerance, fewer steps")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        check_output_folder(args.out)
+    except ValueError as error:
+        print(f"elbolab demo: error: {error}", file=sys.stderr)
+        return 2
     run(args.out, args.fast)
+    return 0

@@ -29,6 +29,8 @@ Parameters of the guides are module-local (``AutoNormal``/``AutoDelta`` are
 
 from __future__ import annotations
 
+import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -214,6 +216,33 @@ def _elbo() -> TraceEnum_ELBO:
     return TraceEnum_ELBO(max_plate_nesting=1)
 
 
+def refused_parameters(error: BaseException) -> bool:
+    """Whether ``error`` is a distribution refusing its parameters (Pyro's validation)."""
+    return isinstance(error, ValueError) and "to satisfy the constraint" in str(error)
+
+
+def _summary(error: BaseException, limit: int = 160) -> str:
+    """A distribution's complaint in a few words: which parameter left which constraint."""
+    text = " ".join(str(error).split())
+    found = re.search(r"Expected parameter (\w+) .*? to satisfy the constraint (.+?), but", text)
+    if found:
+        return f"{found.group(1)} outside {found.group(2)}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def left_support(what: str, error: BaseException | None, fix: str) -> ValueError:
+    """The error for a fit that reached parameters where the model is not defined.
+
+    ``error`` is the distribution's own complaint (its first clause is quoted), if any.
+    """
+    detail = f" ({_summary(error)})" if error is not None else ""
+    return ValueError(
+        f"{what} reached parameters where the model is not defined{detail}: the objective "
+        "has no maximum there, as when a Gaussian component shrinks onto duplicated points "
+        f"and its density grows without bound; {fix}"
+    )
+
+
 def fit_map(
     program: BayesianMixture,
     x: torch.Tensor,
@@ -227,7 +256,30 @@ def fit_map(
     ``AutoDelta`` over the parameter sites, ``TraceEnum_ELBO`` summing z out, one L-BFGS
     call (strong-Wolfe line search) on the per-datum objective; ``tol`` is L-BFGS's
     tolerance on the change of that objective and ``max_iter`` its iteration cap.
+
+    ``ValueError`` naming the fix when the search reaches parameters where the model is
+    not defined (a Gaussian scale of 0: a component on duplicated points), or ends on
+    non-finite values.
     """
+    fix = (
+        "use fewer components or data with more distinct rows, or the maximum-likelihood "
+        "schemes, whose reg_covar keeps every covariance above a floor"
+    )
+    try:
+        guide, values, log_joint, n_iter = _map_search(program, x, start, max_iter, tol)
+    except ValueError as error:
+        if not refused_parameters(error):
+            raise
+        raise left_support("the MAP search (L-BFGS)", error, fix) from error
+    if not math.isfinite(log_joint) or not all(
+        bool(torch.isfinite(v).all()) for v in values.values()
+    ):
+        raise left_support("the MAP search (L-BFGS)", None, fix)
+    return PointFit(values, log_joint, n_iter, n_iter < max_iter, guide)
+
+
+def _map_search(program, x, start, max_iter: int, tol: float):
+    """The L-BFGS run of :func:`fit_map`: (guide, values at the end, log joint / N, n_iter)."""
     n = x.shape[0]
     guide = AutoDelta(program.without_z(), init_loc_fn=init_to_value(values=start))
     guide(x)  # creates the guide's parameters
@@ -254,7 +306,7 @@ def fit_map(
     log_joint = -float(elbo.differentiable_loss(program, guide, x).detach()) / n
     with torch.no_grad():
         values = {k: v.detach() for k, v in guide.median(x).items()}
-    return PointFit(values, log_joint, n_iter, n_iter < max_iter, guide)
+    return guide, values, log_joint, n_iter
 
 
 def elbo_estimate(program, guide, x: torch.Tensor, particles: int) -> tuple[float, float]:
@@ -335,10 +387,17 @@ def fit_mean_field(
     pyro_elbo, potential, bounds = _elbo(), program.potential(x), []
     for _ in range(steps):
         optimizer.zero_grad()
-        if elbo == "pyro":
-            loss = pyro_elbo.differentiable_loss(program, guide, x) / n
-        else:
-            loss = mean_field_loss(program, guide, potential, x)
+        try:
+            if elbo == "pyro":
+                loss = pyro_elbo.differentiable_loss(program, guide, x) / n
+            else:
+                loss = mean_field_loss(program, guide, potential, x)
+        except ValueError as error:
+            if not refused_parameters(error):
+                raise
+            raise left_support(
+                "mean-field SVI", error, "lower lr or init_scale, or use fewer components"
+            ) from error
         if not torch.isfinite(loss):
             raise ValueError(
                 "the mean-field ELBO became non-finite; lower lr or init_scale, or scale the data"

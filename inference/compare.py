@@ -28,7 +28,8 @@ own deep copy of the unfitted model, so the model passed in is never changed. Co
 ``time_s``          wall time of the fit
 ``loglik_vs_ref``   ``loglik`` minus the reference scheme's (default: ``em``)
 ``theta_vs_ref``    max |theta_hat - theta_ref| over all parameters, components in one order
-``flags``           non-convergence, divergences, R-hat, label switching, failures
+``flags``           non-convergence, divergences, R-hat, label switching, collapsed
+                    components, failures
 ==================  ==================================================================
 
 :func:`select_k` fits the same schemes for several numbers of components and adds BIC and
@@ -241,25 +242,28 @@ def compare(
     ------
     ValueError
         Before anything is fitted: a scheme that is unknown or does not fit the model (the
-        message names those that do), an option no scheme takes, bad option values, bad
-        data.
+        message names those that do), an option no scheme takes, a bad value of any option
+        of any scheme (each scheme's ``validate``; an ``init`` dict is tried on a copy of
+        the model built for the data), a seed outside [0, 2**63), bad data (for the
+        Bayesian schemes of a Gaussian mixture also a feature that does not vary).
+
+    A fit that ends on a collapsed Gaussian component (a covariance numerically singular:
+    a spike on duplicated points) keeps its numbers and says so in ``flags``
+    (``"collapsed: ..."``), as does one whose log p(x) is not finite (``"non-finite: ..."``).
     """
     names = schemes_for(model) if schemes is None else schemes
-    resolved = resolve_schemes(model, names)
+    if not isinstance(names, (str, dict)) and isinstance(names, Iterable):
+        names = [*names]  # read once: an iterator is checked, then fitted
+    resolve_schemes(model, names)  # first: a bad scheme name is the likeliest mistake
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    _check_seed(seed)
     if reference is not None and reference not in schemes_for(model):
         raise ValueError(
             f"reference {reference!r} is not a scheme for {type(model).__name__}; "
             f"use one of {schemes_for(model)} or None"
         )
-    x = _validate_data(model, data)
-    per_scheme = _resolve_options(model, resolved, scheme_options, options or {})
-    for scheme in resolved:
-        if scheme.validate is not None:
-            scheme.validate(model, x, **per_scheme[scheme.name])
+    x, resolved, per_scheme = _prepare(model, data, names, scheme_options, options)
 
     fits, times = {}, {}
     for scheme in resolved:
@@ -270,6 +274,37 @@ def compare(
         ref = None
     rows = [_row(name, fit, times[name], ref) for name, fit in fits.items()]
     return Comparison(rows, fits=fits, reference=reference if ref is not None else None)
+
+
+#: seeds go to torch.manual_seed (64-bit) as seed + chain: below 2**63 leaves room
+SEED_LIMIT = 2**63
+
+
+def _check_seed(seed) -> None:
+    if (
+        isinstance(seed, (bool, np.bool_))
+        or not isinstance(seed, (int, np.integer))
+        or not 0 <= seed < SEED_LIMIT
+    ):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}; e.g. seed=0")
+
+
+def _prepare(
+    model, data, names, flat: dict, per_scheme: dict | None
+) -> tuple[torch.Tensor, list[Scheme], dict[str, dict]]:
+    """Every check before the first fit: schemes, data, and each scheme's options.
+
+    Returns the validated data, the schemes and each scheme's resolved options. Each
+    scheme's ``validate`` sees the options it will be called with, so a bad value raises
+    here instead of becoming a failed row after other schemes have run.
+    """
+    resolved = resolve_schemes(model, names)
+    x = _validate_data(model, data)
+    options = _resolve_options(model, resolved, flat, {} if per_scheme is None else per_scheme)
+    for scheme in resolved:
+        if scheme.validate is not None:
+            scheme.validate(model, x, **options[scheme.name])
+    return x, resolved, options
 
 
 def _validate_data(model, data) -> torch.Tensor:
@@ -308,6 +343,12 @@ def _resolve_options(
             f"option(s) {unused} are taken by none of the schemes {names}; "
             f"they take {sorted(taken)}"
         )
+    for name, given in per_scheme.items():
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(
+                f"options[{name!r}] must be a dict {{option: value}}, got {given!r}; "
+                f"e.g. options={{{name!r}: {{...}}}}"
+            )
     out = {}
     for s in resolved:
         mine = dict(per_scheme.get(s.name) or {})
@@ -340,6 +381,12 @@ def _run(scheme: Scheme, model, x, seed: int, opts: dict, on_error: str):
                 flags=[f"failed: {type(error).__name__}: {error} ({last.name})"],
             )
     elapsed = time.perf_counter() - start
+    if fit.model is not None and not math.isfinite(fit.loglik):
+        fit.flags.append(
+            f"non-finite: log p(x) at the fitted parameters is {fit.loglik}; the fit left "
+            "the region where the model is defined (check the flags above, scale the data, "
+            "or use fewer components)"
+        )
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
             fit.flags.append(f"not converged: {w.message}")
@@ -458,26 +505,44 @@ def select_k(
     :class:`Selection`: one dict per (k, scheme) with ``rank`` (1 = best: by BIC for
     maximum-likelihood rows, by ``az.compare`` for posterior rows) and ``weight`` (the
     stacking weight from ``az.compare``), plus ``.best``, ``.comparisons``, ``.az_compare``.
+
+    Raises
+    ------
+    ValueError
+        Before anything is fitted: bad ``ks`` or ``ic``; a ``make_model`` that is not a
+        function, or whose ``make_model(k)`` is not a model with ``k`` components (a
+        factory that ignores k would fit one model for every row); and everything
+        :func:`compare` refuses, checked for every k.
     """
+    if isinstance(ks, (str, bytes, dict)) or not isinstance(ks, Iterable):
+        raise ValueError(
+            f"ks must be a list of numbers of components, got {ks!r}; e.g. ks=range(1, 5)"
+        )
     ks = list(ks)
     if not ks:
         raise ValueError("ks is empty; pass the numbers of components to try, e.g. range(1, 5)")
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"every k must be a positive integer, got {k!r}")
     if len(set(ks)) != len(ks):
         raise ValueError(f"ks has repeated values {ks}; list each number of components once")
     if ic not in ("loo", "waic"):
         raise ValueError(f"ic must be 'loo' or 'waic', got {ic!r}")
-    names = [schemes] if isinstance(schemes, str) else list(schemes)
-    models = {int(k): make_model(int(k)) for k in ks}
+    if not callable(make_model) or isinstance(make_model, torch.nn.Module):
+        raise ValueError(
+            f"make_model must be a function k -> unfitted model, got {make_model!r}; "
+            "e.g. make_model=lambda k: GaussianMixture(k)"
+        )
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    _check_seed(seed)
+    names = schemes
+    if not isinstance(names, (str, dict)) and isinstance(names, Iterable):
+        names = [*names]  # read once: an iterator is checked for every k, then fitted
+    models = {int(k): _model_for(make_model, int(k)) for k in ks}
     for m in models.values():  # every check before the first fit
-        x = _validate_data(m, data)
-        resolved = resolve_schemes(m, names)
-        per_scheme = _resolve_options(m, resolved, scheme_options, options or {})
-        for scheme in resolved:
-            if scheme.validate is not None:
-                scheme.validate(m, x, **per_scheme[scheme.name])
+        x, _, _ = _prepare(m, data, names, scheme_options, options)
+    names = [s.name for s in resolve_schemes(next(iter(models.values())), names)]
 
     comparisons = {
         k: compare(
@@ -499,6 +564,24 @@ def select_k(
             rows.append(_selection_row(k, name, fit, x))
     az_tables = _rank(rows, comparisons, names, ic)
     return Selection(rows, comparisons=comparisons, az_compare=az_tables, best=_best(rows, ic))
+
+
+def _model_for(make_model: Callable[[int], Any], k: int):
+    """``make_model(k)``, refused unless it is a model with ``k`` components."""
+    model = make_model(k)
+    if model is None or not hasattr(model, "n_components"):
+        raise ValueError(
+            f"make_model({k}) returned {model!r}, which is not a model with components; "
+            "make_model must return a new unfitted model with k components, e.g. "
+            "make_model=lambda k: GaussianMixture(k)"
+        )
+    if model.n_components != k:
+        raise ValueError(
+            f"make_model({k}) returned a model with n_components={model.n_components!r}, "
+            f"not {k}: the factory ignores k, so every row would fit the same model; "
+            "pass k on, e.g. make_model=lambda k: GaussianMixture(k)"
+        )
+    return model
 
 
 def _selection_row(k: int, name: str, fit: SchemeFit, x: torch.Tensor) -> dict:

@@ -23,7 +23,12 @@ from ..guides import AmortizedNormal, ExactGaussianPosterior
 from ..models.linear_gaussian import PPCA, LinearGaussian, gaussian_bound
 from .em import EM
 from .linear_gaussian import ppca_closed_form
-from .schemes import SchemeFit, register_scheme
+from .schemes import (
+    SchemeFit,
+    check_number_option,
+    check_positive_int_option,
+    register_scheme,
+)
 from .svi import SVITrainer
 
 
@@ -49,7 +54,26 @@ def _fit(model: LinearGaussian, x: torch.Tensor, estimate: str, bound, **fields)
     )
 
 
-@register_scheme("em", LinearGaussian, description="EM with the exact Gaussian posterior")
+def _validate_em(model, x, *, tol, max_iter) -> None:
+    """Options of ``em``: the tolerance and the iteration cap, nothing fitted."""
+    check_number_option("tol", tol, low=0, example=1e-10)
+    check_positive_int_option("max_iter", max_iter, example=5000)
+
+
+def _validate_linear_vae(model, x, *, epochs, lr, batch_size) -> None:
+    """Options of ``linear-vae``: epochs, learning rate and batch size, nothing fitted."""
+    check_positive_int_option("epochs", epochs, example=600)
+    check_number_option("lr", lr, low=0, low_open=True, example=3e-2)
+    if batch_size is not None:
+        check_positive_int_option("batch_size", batch_size, example=64)
+
+
+@register_scheme(
+    "em",
+    LinearGaussian,
+    description="EM with the exact Gaussian posterior",
+    validate=_validate_em,
+)
 def em(model, x, *, seed, tol=1e-10, max_iter=5000) -> SchemeFit:
     """EM (LG-EM) from a random start for ``seed``; bound = EM's final LB (EM-TIGHT)."""
     guide = ExactGaussianPosterior(model)
@@ -77,18 +101,29 @@ def closed_form(model, x, *, seed) -> SchemeFit:
     return _fit(model, x, "MLE", model.score(x), n_iter=1, converged=True)
 
 
-@register_scheme("linear-vae", LinearGaussian, description="the linear VAE (amortized guide)")
+@register_scheme(
+    "linear-vae",
+    LinearGaussian,
+    description="the linear VAE (amortized guide)",
+    validate=_validate_linear_vae,
+)
 def linear_vae(model, x, *, seed, epochs=600, lr=3e-2, batch_size=None) -> SchemeFit:
     """The model trained with ``AmortizedNormal(hidden=(), scale="learned")`` by SGD.
 
-    Full batch by default. Bound: the trained q's closed-form LB; gap = KL(q || p(z|x)).
+    Full batch by default (``batch_size=None``). Bound: the trained q's closed-form LB;
+    gap = KL(q || p(z|x)).
     """
     x = model.validate_data(x, reset=True)  # the model takes the data's dtype
     torch.manual_seed(seed)
     guide = AmortizedNormal(model.data_dim, model.latent_dim, hidden=(), scale="learned")
     guide.to(model.dtype)
     trainer = SVITrainer(
-        model, guide, lr=lr, batch_size=batch_size or len(x), seed=seed, progress=False
+        model,
+        guide,
+        lr=lr,
+        batch_size=len(x) if batch_size is None else batch_size,
+        seed=seed,
+        progress=False,
     )
     result = trainer.fit(x, epochs=epochs)
     with torch.no_grad():

@@ -19,6 +19,13 @@ seeding by default, then one M-step on those responsibilities). NUTS chain c sta
 the start drawn with ``seed + c``, so chains begin in different places and may land in
 different labellings (:func:`.posterior.relabel` reports it).
 
+Every option of every scheme is checked by the scheme's ``validate`` before anything is
+fitted (an ``init`` dict is tried on a copy of the model built for the data). A Gaussian
+fit that ends on a numerically singular covariance -- a component on duplicated points,
+where the density grows without bound -- is flagged ``"collapsed: ..."``
+(:func:`collapse_flags`); the Bayesian schemes refuse a feature that does not vary, since
+their prior scales with each feature's standard deviation.
+
 With ``ELBOLAB_FAST=1`` in the environment (read at import) the sampling defaults are
 smaller.
 """
@@ -26,6 +33,8 @@ smaller.
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 import os
 
 import numpy as np
@@ -33,9 +42,19 @@ import torch
 
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
-from .bayesian import BayesianMixture, fit_map, fit_mean_field, sample_nuts, torch_threads
+from ..models.gaussian import GaussianMixture
+from .bayesian import (
+    BayesianMixture,
+    fit_map,
+    fit_mean_field,
+    left_support,
+    refused_parameters,
+    sample_nuts,
+    torch_threads,
+)
 from .direct import DirectML
 from .em import EM
+from .init import INIT_METHODS
 from .posterior import (
     RHAT_MAX,
     component_key,
@@ -47,7 +66,14 @@ from .posterior import (
 )
 from .priors import MixturePrior, lookup_prior, prior_for
 from .registry import lookup_m_step
-from .schemes import SchemeFit, register_scheme
+from .schemes import (
+    SchemeFit,
+    check_bool_option,
+    check_choice_option,
+    check_number_option,
+    check_positive_int_option,
+    register_scheme,
+)
 
 _FAST = os.environ.get("ELBOLAB_FAST", "") not in ("", "0")
 
@@ -93,11 +119,6 @@ def canonical_params(model: MixtureModel, x: torch.Tensor) -> dict[str, torch.Te
     }
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_samples(model: MixtureModel, x: torch.Tensor) -> None:
     if x.shape[0] < model.n_components:
         raise ValueError(
@@ -106,9 +127,42 @@ def _check_samples(model: MixtureModel, x: torch.Tensor) -> None:
         )
 
 
+def _check_init(model: MixtureModel, x: torch.Tensor, init) -> None:
+    """``init`` is a method name, or a dict that ``set_params`` takes for this model and data.
+
+    A dict is tried on a built copy: ``build_for(x)``, ``set_params(**init)``, then
+    log p(x) at those parameters (which the families' own checks may refuse).
+    """
+    if not isinstance(init, dict):
+        if not isinstance(init, str) or init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
+        return
+    probe = copy.deepcopy(model)
+    probe.build_for(x)
+    what = f"{type(model).__name__} with {model.n_components} components on {x.shape[1]} features"
+    try:
+        probe.set_params(**init)
+        probe.log_likelihood(x)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"init does not fit this {what}: {error}; pass the start in the layout "
+            f"model.set_params takes, for {model.n_components} components and "
+            f"{x.shape[1]} features"
+        ) from None
+
+
+def _check_start_options(model, x, *, init, reg_covar) -> None:
+    _check_samples(model, x)
+    check_number_option("reg_covar", reg_covar, low=0, example=1e-6)
+    _check_init(model, x, init)
+
+
 def _validate_point(model, x, *, init, n_init, tol, max_iter, reg_covar, **_) -> None:
     """Data and options of the maximum-likelihood schemes (EM's own checks, nothing fitted)."""
-    _check_samples(model, x)
+    _check_start_options(model, x, init=init, reg_covar=reg_covar)
+    check_positive_int_option("n_init", n_init, example=1)
+    check_number_option("tol", tol, low=0, example=1e-8)
+    check_positive_int_option("max_iter", max_iter, example=1000)
     probe = copy.deepcopy(model)
     EM(
         probe,
@@ -122,36 +176,214 @@ def _validate_point(model, x, *, init, n_init, tol, max_iter, reg_covar, **_) ->
     )
 
 
-def _validate_bayesian(model, x, *, init, reg_covar, prior, **options) -> None:
-    """Data, start options, prior hyperparameters and sampler sizes, nothing fitted."""
-    _check_samples(model, x)
+def constant_features(x: torch.Tensor) -> list[int]:
+    """Columns of ``x`` that do not vary (standard deviation 0, up to rounding)."""
+    spread = x.std(0, correction=0) if x.shape[0] > 1 else torch.zeros(x.shape[1], dtype=x.dtype)
+    size = x.abs().amax(0)
+    return [int(j) for j in torch.nonzero(spread <= torch.finfo(x.dtype).eps * size).flatten()]
+
+
+def _check_spread(model, x: torch.Tensor) -> None:
+    """Gaussian priors scale with each feature's spread: a constant feature is refused."""
+    if not isinstance(model, GaussianMixture):
+        return
+    constant = constant_features(x)
+    if not constant:
+        return
+    if len(constant) == x.shape[1]:
+        what = (
+            f"every row of x is the same point (all {x.shape[0]} rows equal), so no feature varies"
+        )
+    else:
+        what = f"feature(s) {constant} of x do not vary (the same value in every row)"
+    raise ValueError(
+        f"{what}; the Bayesian schemes scale the prior of each feature's means and scales "
+        "by its standard deviation, which is 0 there, and a Gaussian component on constant "
+        "values collapses to a spike whose density grows without bound. Drop the constant "
+        "column(s) or pass data with more distinct rows; the maximum-likelihood schemes "
+        "(em, direct) stop at their reg_covar floor instead."
+    )
+
+
+def _positive_number(value) -> bool:
+    try:
+        check_number_option("value", value, low=0, low_open=True)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_prior(model, x: torch.Tensor, prior) -> None:
+    """Hyperparameters: known names, and positive numbers where the default is a number."""
+    if prior is None:
+        return
+    if not isinstance(prior, dict):
+        raise ValueError(
+            f"prior must be a dict of hyperparameters or None, got {prior!r}; "
+            "e.g. prior={'mean_scale': 5.0}"
+        )
+    probe = copy.deepcopy(model)
+    probe.build_for(x)
+    factory = lookup_prior(type(model))
+    defaults = {}
+    if factory is not None:
+        defaults = {
+            p.name: p.default
+            for p in inspect.signature(factory).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+    for name, value in prior.items():
+        default = defaults.get(name)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not _positive_number(value):
+                raise ValueError(
+                    f"prior[{name!r}] must be a positive number, got {value!r}; e.g. "
+                    f"prior={{{name!r}: {default!r}}} (the default)"
+                )
+        elif isinstance(default, tuple) and all(_positive_number(v) for v in default):
+            ok = isinstance(value, (tuple, list)) and len(value) == len(default)
+            if not ok or not all(_positive_number(v) for v in value):
+                raise ValueError(
+                    f"prior[{name!r}] must be {len(default)} positive numbers, got {value!r}; "
+                    f"e.g. prior={{{name!r}: {default!r}}} (the default)"
+                )
+    try:
+        prior_for(probe, x, **prior)
+    except ValueError as error:
+        if str(error).startswith(("unknown prior option", "no prior is registered")):
+            raise
+        raise ValueError(
+            f"prior={prior!r} does not give a valid prior for {type(model).__name__} "
+            f"({' '.join(str(error).split())[:300]}); pass positive hyperparameters"
+        ) from None
+    except TypeError as error:
+        raise ValueError(
+            f"prior={prior!r} does not give a valid prior for {type(model).__name__} "
+            f"({error}); pass numbers as its hyperparameters"
+        ) from None
+
+
+def _validate_bayesian(model, x, *, init, reg_covar, prior, num_threads, **_) -> None:
+    """Data, start options and prior hyperparameters of the Bayesian schemes, nothing fitted."""
+    _check_start_options(model, x, init=init, reg_covar=reg_covar)
+    _check_spread(model, x)
     probe = copy.deepcopy(model)
     EM(probe, ExactPosterior(probe), init=init, reg_covar=reg_covar, progress=False)
-    if prior is not None and not isinstance(prior, dict):
-        raise ValueError(f"prior must be a dict of hyperparameters or None, got {prior!r}")
-    probe.build_for(x)
-    prior_for(probe, x, **(prior or {}))
-    for name in (
-        "num_samples",
-        "warmup_steps",
-        "num_chains",
-        "svi_steps",
-        "elbo_particles",
-        "max_iter",
-    ):
-        if name in options:
-            _positive_int(name, options[name])
-    if options.get("num_threads") is not None:
-        _positive_int("num_threads", options["num_threads"])
-    for name, allowed in (
-        ("potential", ("vectorized", "enumerated")),
-        ("elbo", ("vectorized", "pyro")),
-    ):
-        if name in options and options[name] not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {options[name]!r}")
+    _check_prior(model, x, prior)
+    if num_threads is not None:
+        check_positive_int_option("num_threads", num_threads, example=1)
 
 
-def _point_fit(model, x, result, flags=()) -> SchemeFit:
+def _validate_map(model, x, *, tol, max_iter, **options) -> None:
+    """Options of ``map``: those of :func:`_validate_bayesian`, L-BFGS's tol and max_iter."""
+    _validate_bayesian(model, x, **options)
+    check_number_option("tol", tol, low=0, example=1e-10)
+    check_positive_int_option("max_iter", max_iter, example=500)
+
+
+def _validate_mean_field(
+    model, x, *, svi_steps, lr, init_scale, elbo_particles, num_samples, elbo, **options
+) -> None:
+    """Options of ``mean-field``: SVI's steps, learning rate, start scale and sample sizes."""
+    _validate_bayesian(model, x, **options)
+    check_positive_int_option("svi_steps", svi_steps, example=SVI_STEPS)
+    check_number_option("lr", lr, low=0, low_open=True, example=0.05)
+    check_number_option("init_scale", init_scale, low=0, low_open=True, example=0.05)
+    check_positive_int_option("elbo_particles", elbo_particles, example=100)
+    check_positive_int_option("num_samples", num_samples, example=1000)
+    check_choice_option("elbo", elbo, ("vectorized", "pyro"))
+
+
+def _validate_nuts(
+    model,
+    x,
+    *,
+    num_samples,
+    warmup_steps,
+    num_chains,
+    target_accept_prob,
+    max_tree_depth,
+    potential,
+    rhat_max,
+    progress,
+    **options,
+) -> None:
+    """Options of ``nuts``: chain sizes, the sampler's settings and the R-hat threshold."""
+    _validate_bayesian(model, x, **options)
+    check_positive_int_option("num_samples", num_samples, example=NUM_SAMPLES)
+    if num_samples < 4:
+        raise ValueError(
+            f"num_samples must be at least 4 for NUTS (its R-hat splits each chain in two "
+            f"halves of at least 2 draws), got {num_samples}; e.g. num_samples={NUM_SAMPLES}"
+        )
+    check_positive_int_option("warmup_steps", warmup_steps, example=WARMUP_STEPS)
+    check_positive_int_option("num_chains", num_chains, example=NUM_CHAINS)
+    check_number_option(
+        "target_accept_prob",
+        target_accept_prob,
+        low=0,
+        low_open=True,
+        high=1,
+        high_open=True,
+        example=0.8,
+    )
+    check_positive_int_option("max_tree_depth", max_tree_depth, example=10)
+    check_choice_option("potential", potential, ("vectorized", "enumerated"))
+    check_number_option("rhat_max", rhat_max, low=1, low_open=True, example=RHAT_MAX)
+    check_bool_option("progress", progress)
+
+
+# ---------------------------------------------------------------------------- collapse
+def smallest_variances(model) -> torch.Tensor | None:
+    """Smallest variance of each Gaussian component's covariance (K,), or None.
+
+    Full and tied covariances: the smallest squared singular value of the Cholesky factor
+    (accurate even when it is far below the largest); diagonal and spherical: the smallest
+    variance. ``None`` for a family that is not Gaussian or a model without parameters.
+    """
+    if not isinstance(model, GaussianMixture) or not model.is_built:
+        return None
+    kind = model.covariance_type
+    if kind in ("full", "tied"):
+        tril = model.scale_tril.detach()
+        values = torch.linalg.svdvals(tril).amin(-1).square()
+        return values.expand(model.n_components) if kind == "tied" else values
+    variances = model.scales.detach().square()
+    return variances.amin(-1) if kind == "diag" else variances
+
+
+def collapse_flags(model, x: torch.Tensor, floor: float = 0.0, fix: str = "") -> list[str]:
+    """Flags for Gaussian components that collapsed onto duplicated points (a spike).
+
+    A component is flagged when its smallest variance exceeds ``floor`` (EM's reg_covar,
+    the least its M-step gives) by no more than rounding: 16 machine epsilons times the
+    larger of the data's largest feature variance and ``floor``. Its density then grows
+    without bound as the variance shrinks, so log p(x) and the bound measure the floor
+    (or how far the optimiser went), not the fit. ``fix`` says what to do.
+    """
+    smallest = smallest_variances(model)
+    if smallest is None:
+        return []
+    scale = float(x.var(0, correction=0).amax()) if x.shape[0] > 1 else 0.0
+    eps = torch.finfo(smallest.dtype).eps
+    tolerance = 16 * eps * max(scale, floor)
+    values = smallest.tolist()
+    collapsed = [k for k, v in enumerate(values) if not math.isfinite(v) or v - floor <= tolerance]
+    if not collapsed:
+        return []
+    value = min(values[k] for k in collapsed)
+    where = ", the reg_covar floor" if floor > 0 else ""
+    return [
+        f"collapsed: the covariance of component(s) {collapsed} is numerically singular "
+        f"(smallest variance {value:.1e}{where}, against the data's largest feature variance "
+        f"{scale:.1e}): a spike on duplicated points or a lower-dimensional subset, where the "
+        "density grows without bound, so log p(x) and the bound are not comparable with "
+        "other fits; use fewer components or data with more distinct rows"
+        + (f", {fix}" if fix else "")
+    ]
+
+
+def _point_fit(model, x, result, floor: float = 0.0) -> SchemeFit:
     return SchemeFit(
         model=model,
         loglik=model.score(x),
@@ -159,7 +391,7 @@ def _point_fit(model, x, result, flags=()) -> SchemeFit:
         n_iter=result.n_iter,
         converged=result.converged,
         params=canonical_params(model, x),
-        flags=list(flags),
+        flags=collapse_flags(model, x, floor),
         result=result,
     )
 
@@ -181,17 +413,42 @@ def _posterior_fit(model, x, program, relabelled, idata, estimate, flags, result
         params=canonical_params(model, x),
         lppd=posterior_lppd(log_lik),
         idata=idata,
-        flags=flags,
+        flags=flags + collapse_flags(model, x),
         result=result,
         **kw,
     )
 
 
 # ---------------------------------------------------------------------------- maximum likelihood
+def _undefined_is_clear(what: str, fit):
+    """``fit()``, with a distribution's refusal of its parameters said plainly.
+
+    A gradient step that drives a Gaussian scale to 0 (a component on duplicated points)
+    makes Pyro's validation refuse the parameters, in words about tensors and constraints.
+    """
+    try:
+        return fit()
+    except ValueError as error:
+        if not refused_parameters(error):
+            raise
+        raise left_support(
+            what,
+            error,
+            "use fewer components or data with more distinct rows, or scheme 'em', whose "
+            "closed-form M-step keeps every covariance above reg_covar",
+        ) from error
+
+
 def _em(model, x, m_step: str, **options) -> SchemeFit:
-    """EM with ``m_step``; bound = LB after the last M-step (exact: EM-TIGHT)."""
-    result = EM(model, ExactPosterior(model), m_step=m_step, progress=False, **options).fit(x)
-    fit = _point_fit(model, x, result)
+    """EM with ``m_step``; bound = LB after the last M-step (exact: EM-TIGHT).
+
+    The closed-form M-step adds ``reg_covar`` to every covariance: that is the floor a
+    collapsed component stops at (see :func:`collapse_flags`).
+    """
+    fitter = EM(model, ExactPosterior(model), m_step=m_step, progress=False, **options)
+    result = _undefined_is_clear(f"EM ({m_step} M-step)", lambda: fitter.fit(x))
+    floor = options["reg_covar"] if m_step == "closed-form" else 0.0
+    fit = _point_fit(model, x, result, floor)
     fit.bound, fit.bound_se = result.lower_bound, 0.0
     return fit
 
@@ -247,11 +504,11 @@ def direct(
         seed=seed,
         progress=False,
     )
-    return _point_fit(model, x, fitter.fit(x))
+    return _point_fit(model, x, _undefined_is_clear("L-BFGS on log p(x)", lambda: fitter.fit(x)))
 
 
 # ---------------------------------------------------------------------------- Bayesian
-@register_scheme("map", MixtureModel, applies=has_prior, validate=_validate_bayesian)
+@register_scheme("map", MixtureModel, applies=has_prior, validate=_validate_map)
 def map_estimate(
     model,
     x,
@@ -271,6 +528,7 @@ def map_estimate(
         fit = fit_map(program, x, program.prior.site_values(model), max_iter=max_iter, tol=tol)
     model.set_params(**program.prior.model_params(fit.values))
     flags = [] if fit.converged else [f"L-BFGS stopped at max_iter={max_iter}"]
+    flags += collapse_flags(model, x)
     return SchemeFit(
         model=model,
         loglik=model.score(x),
@@ -285,7 +543,7 @@ def map_estimate(
     )
 
 
-@register_scheme("mean-field", MixtureModel, applies=has_prior, validate=_validate_bayesian)
+@register_scheme("mean-field", MixtureModel, applies=has_prior, validate=_validate_mean_field)
 def mean_field(
     model,
     x,
@@ -335,7 +593,7 @@ def mean_field(
     )
 
 
-@register_scheme("nuts", MixtureModel, applies=has_prior, validate=_validate_bayesian)
+@register_scheme("nuts", MixtureModel, applies=has_prior, validate=_validate_nuts)
 def nuts(
     model,
     x,

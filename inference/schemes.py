@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 #: fn(model, x, *, seed, **options) -> SchemeFit
@@ -164,12 +166,17 @@ def schemes_for(model) -> list[str]:
     return [name for name in _SCHEMES if lookup_scheme(name, model) is not None]
 
 
-def resolve_schemes(model, names) -> list[Scheme]:
+def resolve_schemes(model, names: Iterable[str] | str) -> list[Scheme]:
     """The schemes ``names`` for ``model``; ``ValueError`` naming those that fit otherwise."""
+    available = schemes_for(model)
     if isinstance(names, str):
         names = [names]
+    if not isinstance(names, Iterable) or isinstance(names, (dict, bytes)):
+        raise ValueError(
+            f"schemes must be a scheme name or a list of names, got {names!r}; "
+            f"e.g. schemes={available[:2]} (the schemes that fit this model are {available})"
+        )
     names = list(names)
-    available = schemes_for(model)
     if not names:
         raise ValueError(f"no schemes given; the schemes that fit this model are {available}")
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -190,3 +197,76 @@ def resolve_schemes(model, names) -> list[Scheme]:
         parts += [f"scheme(s) {unfit} do not fit {what}"] if unfit else []
         raise ValueError("; ".join(parts) + f"; {detail}")
     return [lookup_scheme(n, model) for n in names]
+
+
+# ---------------------------------------------------------------------------- option checks
+# Shared by the schemes' ``validate`` functions: each raises ``ValueError`` naming the option,
+# the value given and a valid example.
+
+
+def _example(name: str, example) -> str:
+    if example is None:
+        return ""
+    return (
+        f"; e.g. {name}={example:g}" if isinstance(example, float) else f"; e.g. {name}={example!r}"
+    )
+
+
+def check_positive_int_option(name: str, value, example: int | None = None) -> int:
+    """``value`` as an int >= 1, else ``ValueError`` naming ``name`` and an example."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive integer, got {value!r}{_example(name, example)}"
+        )
+    return int(value)
+
+
+def check_number_option(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    high_open: bool = False,
+    finite: bool = True,
+    example: float | None = None,
+) -> float:
+    """``value`` as a float in the given interval, else ``ValueError`` with an example.
+
+    ``low``/``high`` bound it (``*_open``: the bound itself excluded); ``finite`` refuses
+    inf. NaN, booleans, strings and other non-numbers are always refused.
+    """
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    number = float(value) if real else math.nan
+    ok = real and not math.isnan(number) and (math.isfinite(number) or not finite)
+    if ok and low is not None:
+        ok = number > low if low_open else number >= low
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        if low is not None and high is not None:
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            what = f"a number in {left}{low:g}, {high:g}{right}"
+        elif low == 0 and low_open:
+            what = "a positive number"
+        elif low is not None:
+            what = f"a number {'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            what = f"a number {'<' if high_open else '<='} {high:g}"
+        else:
+            what = "a finite number" if finite else "a number"
+        raise ValueError(f"{name} must be {what}, got {value!r}{_example(name, example)}")
+    return number
+
+
+def check_choice_option(name: str, value, allowed: tuple) -> None:
+    """``ValueError`` unless ``value`` is one of ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_bool_option(name: str, value) -> None:
+    """``ValueError`` unless ``value`` is True or False."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")

@@ -32,7 +32,7 @@ from .collectives import (
     shutdown,
     world_size,
 )
-from .files import _write_results, save_atomic, write_json_atomic
+from .files import _write_results, check_output_folder, save_atomic, write_json_atomic
 from .training import train_svi
 
 PROG = "python -m elbolab.inference.distributed"
@@ -80,6 +80,10 @@ def _number(text: str, kind: type, ok: Callable[[float], bool], what: str):
 
 def _positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def _seed(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
 
 
 def _positive_float(text: str) -> float:
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, type=Path, metavar="DIR", help=HELP["--out"])
-    common.add_argument("--seed", type=int, default=0, help=HELP["--seed"])
+    common.add_argument("--seed", type=_seed, default=0, help=HELP["--seed"])
     common.add_argument(
         "--timeout",
         type=_positive_float,
@@ -209,8 +213,70 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
+def _npy_dtype(path: Path) -> np.dtype | None:
+    """The dtype in the header of the .npy file ``path``, nothing else read; None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                header = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+    except (OSError, ValueError):
+        return None
+    return header[2]
+
+
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    """``ValueError`` with the fix unless ``dtype`` holds real numbers a fit can use.
+
+    The rule of the models' own data check: booleans, integers and floats of at least 32
+    bits; refused are Python objects, structured records, text, complex numbers, float16
+    and anything else (dates, raw bytes).
+    """
+    kind, save = dtype.kind, "numpy.save(path, numpy.asarray(x, dtype=numpy.float64))"
+    if dtype.fields is not None:
+        raise ValueError(
+            f"{path} holds a structured array (fields {', '.join(dtype.names)}), not an "
+            "(N, D) array of numbers; save the fields as columns, e.g. numpy.save(path, "
+            "numpy.lib.recfunctions.structured_to_unstructured(x))"
+        )
+    if kind == "O":
+        raise ValueError(
+            f"{path} holds Python objects (dtype object), which are not read (unsafe to "
+            f"unpickle) and are not numbers; save a numeric array, e.g. {save}"
+        )
+    if kind == "c":
+        raise ValueError(
+            f"{path} holds complex numbers ({dtype}); save real numbers, e.g. "
+            "numpy.save(path, x.real) or numpy.save(path, numpy.abs(x))"
+        )
+    if kind == "f" and dtype.itemsize < 4:
+        raise ValueError(
+            f"{path} holds {dtype}, which has too few digits to fit a model; save it as "
+            "float32 or float64, e.g. numpy.save(path, x.astype(numpy.float64))"
+        )
+    if kind in "US":
+        raise ValueError(
+            f"{path} holds text ({dtype}), not numbers; convert it first, e.g. {save}, or "
+            "encode text columns as integers"
+        )
+    if kind not in "biuf":
+        raise ValueError(
+            f"{path} holds {dtype} values, not numbers; save real numbers, e.g. {save}"
+        )
+
+
 def _read_npy(path: Path) -> np.ndarray:
-    """The (N, D) array in ``path``, memory-mapped; ``ValueError`` with the fix otherwise."""
+    """The (N, D) array in ``path``, memory-mapped; ``ValueError`` with the fix otherwise.
+
+    The dtype is checked from the file's header first, before any data is read.
+    """
+    dtype = _npy_dtype(path)
+    if dtype is not None:
+        _check_dtype(path, dtype)
     try:
         x = np.load(path, mmap_mode="r")
     except FileNotFoundError:
@@ -222,13 +288,35 @@ def _read_npy(path: Path) -> np.ndarray:
             f"cannot read {path} as a .npy array ({_one_line(error, 200)}); "
             "save the data with numpy.save(path, x)"
         ) from error
+    if isinstance(x, np.lib.npyio.NpzFile):
+        names = list(x.files)
+        x.close()
+        raise ValueError(
+            f"{path} is a .npz archive (arrays {names}), not one .npy array; save the array "
+            "to fit on its own, e.g. numpy.save('x.npy', numpy.load(path)[name])"
+        )
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         shape = getattr(x, "shape", type(x).__name__)
         raise ValueError(
             f"{path} holds {shape}, not a 2-D (N, D) array; save one sample per row, "
             "e.g. numpy.save(path, x.reshape(len(x), -1))"
         )
+    _check_dtype(path, x.dtype)
     return x
+
+
+def _check_out(out: Path, files: tuple[str, ...]) -> None:
+    """Rank 0 checks that it can write ``files`` into ``out``; every rank learns the outcome.
+
+    Before anything is read or fitted, so that no run's results are lost at the end.
+    """
+    error = None
+    if rank() == 0:
+        try:
+            check_output_folder(out, files)
+        except ValueError as e:
+            error = e
+    agree(error, f"checking --out {out}")
 
 
 def _shard(x: np.ndarray, path: Path) -> np.ndarray:
@@ -274,6 +362,7 @@ def _run_em(args: argparse.Namespace) -> None:
     from ...guides import ExactPosterior
     from ..em import EM  # here, not at the top: EM itself imports this package
 
+    _check_out(args.out, ("model.pt", "result.json"))
     shard, error = None, None
     try:
         x = _read_npy(args.data)
@@ -344,6 +433,7 @@ def _run_vae(args: argparse.Namespace) -> None:
     from ...guides import AmortizedNormal
     from ...models import VAE
 
+    _check_out(args.out, ("checkpoint.pt", "log.jsonl", "result.json"))
     if args.dataset == "digits":
         data = load_digits().data  # (1797, 64), counts 0..16
         likelihood, count = args.likelihood or "binomial", args.count or 16
@@ -395,9 +485,22 @@ def _run_vae(args: argparse.Namespace) -> None:
 
 
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.command == "vae" and args.data is not None:
-        if args.likelihood == "binomial" and args.count is None:
+    """Combinations the parser cannot see: an option that would be needed, or ignored."""
+    if args.command == "em" and args.categories is not None and args.family != "categorical":
+        parser.error(
+            f"--categories goes with --family categorical, not --family {args.family}; "
+            "drop --categories or pass --family categorical"
+        )
+    if args.command == "vae":
+        if args.data is not None and args.likelihood == "binomial" and args.count is None:
             parser.error("--likelihood binomial with --data needs --count (trials per entry)")
+        default = "binomial" if args.dataset == "digits" else "gaussian-unit"
+        likelihood = args.likelihood or default
+        if args.count is not None and likelihood != "binomial":
+            parser.error(
+                f"--count goes with the binomial likelihood, not {likelihood}; drop --count "
+                "or pass --likelihood binomial"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

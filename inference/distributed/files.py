@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -58,3 +59,53 @@ def _write_results(files: dict[Any, Callable[[Path], None]], what: str) -> None:
                 "space or choose another folder"
             )
     agree(error, what)
+
+
+def check_output_folder(
+    path: str | os.PathLike, files: tuple[str, ...] = (), what: str = "--out"
+) -> None:
+    """``ValueError`` naming the fix unless ``path`` is, or can become, a writable folder.
+
+    Run before any fit, so that no run's results are lost at the end: refused are an
+    existing file at ``path``, a parent that is a file, a place this process may not write
+    (tried for real: the missing folders are created and a temporary file is written in
+    ``path``), and an existing folder where one of ``files`` is to be written. Whatever
+    the check created is removed again, so a run that stops later leaves nothing behind.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"{what} {path} is an existing file, not a folder; pass a folder (it is created "
+            "if missing), or move the file away"
+        )
+    missing, parent = [], path
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(
+            f"cannot create {what} {path}: {parent} is a file, not a folder; pass a folder "
+            "path whose parents are folders"
+        )
+    for name in files:
+        if (path / name).is_dir():
+            raise ValueError(
+                f"{what} {path} holds a folder {name}, where a result file of that name is "
+                f"to be written; remove {path / name} or pass another {what}"
+            )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-check-", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(
+            f"cannot write to {what} {path} ({error.strerror or error}); pass a folder this "
+            "process can write to"
+        ) from None
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
