@@ -32,10 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..guides import ExactPosterior
-from ..models.base import MixtureModel
-from ..models.vae import check_positive_int
+from ..models.base import MixtureModel, check_positive_int
 from .chunks import DEFAULT_CHUNK_SIZE, DataSource
-from .fitting import EMResult, MixtureFitter
+from .fitting import EMResult, MixtureFitter, real_number
 from .gradient_m_step import elbo_loss, gradient_m_step
 from .registry import lookup_m_step
 from .statistics import lookup_statistics
@@ -188,14 +187,17 @@ class EM(MixtureFitter):
             progress=progress,
             callback=callback,
         )
-        self.m_step, self.gradient_max_iter = m_step, gradient_max_iter
+        self.m_step = m_step
+        self.gradient_max_iter = check_positive_int(
+            "gradient_max_iter", gradient_max_iter, "L-BFGS iterations per gradient M-step"
+        )
         self.chunk_size = check_positive_int("chunk_size", chunk_size, "rows read at a time")
         self.stochastic, self.distributed = bool(stochastic), bool(distributed)
         self.batch_size = check_positive_int("batch_size", batch_size, "rows per minibatch")
         self.step_size = step_size
         self._gamma = check_step_size(step_size)
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+        if not 0 < real_number("learning_rate", learning_rate) < math.inf:
+            raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
         self.learning_rate = float(learning_rate)
         self._single_pass = self.stochastic
         if self.stochastic and self.distributed:

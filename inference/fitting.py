@@ -20,7 +20,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ..guides import ExactPosterior
-from ..models.base import MixtureModel, as_tensor
+from ..models.base import MixtureModel, as_tensor, check_seed
 from .chunks import DEFAULT_CHUNK_SIZE, DataSource, InMemory, chunked_source, is_chunked
 from .gradient_m_step import gradient_m_step
 from .init import INIT_METHODS, initial_responsibilities
@@ -122,19 +122,7 @@ def drop_zero_weights(x: torch.Tensor, w: torch.Tensor | None) -> tuple:
     return x[keep], w[keep]
 
 
-def check_seed(seed) -> int | None:
-    """``seed`` as an int (or None), or a ``ValueError`` with the fix."""
-    if seed is None:
-        return None
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(
-            f"seed must be a non-negative integer or None, got {seed!r}; e.g. seed=0 "
-            "repeats a run, seed=None draws a fresh one"
-        )
-    return int(seed)
-
-
-def _real(name: str, value) -> float:
+def real_number(name: str, value) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)
@@ -149,9 +137,9 @@ def check_fit_options(*, tol, max_iter: int, n_init: int, reg_covar) -> None:
             or value < 1
         ):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not _real("tol", tol) >= 0:
+    if not real_number("tol", tol) >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
-    reg = _real("reg_covar", reg_covar)
+    reg = real_number("reg_covar", reg_covar)
     if not 0 <= reg < math.inf:
         raise ValueError(
             f"reg_covar must be finite and >= 0, got {reg_covar!r}; it is added to the "
@@ -215,8 +203,18 @@ class MixtureFitter:
         progress: bool = True,
         callback: Callable[[int, MixtureModel], None] | None = None,
     ) -> None:
+        if not isinstance(model, MixtureModel):
+            raise ValueError(
+                f"{type(self).__name__} fits mixtures (a MixtureModel); got "
+                f"{type(model).__name__}. PPCA and factor analysis: EM(model, "
+                "ExactGaussianPosterior(model)); a VAE: SVITrainer(model, AmortizedNormal(...))"
+            )
         if not isinstance(guide, ExactPosterior) or guide.model is not model:
             raise ValueError("guide must be ExactPosterior(model) for this same model")
+        if callback is not None and not callable(callback):
+            raise ValueError(
+                f"callback must be a function callback(iteration, model) or None, got {callback!r}"
+            )
         if not isinstance(init, dict) and not (isinstance(init, str) and init in INIT_METHODS):
             raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
         check_fit_options(tol=tol, max_iter=max_iter, n_init=n_init, reg_covar=reg_covar)

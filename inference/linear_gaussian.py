@@ -40,8 +40,8 @@ from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 
 from ..guides.exact_gaussian import ExactGaussianPosterior
+from ..models.base import check_positive_int
 from ..models.linear_gaussian import PPCA, LinearGaussian
-from ..models.vae import check_positive_int
 from .chunks import DEFAULT_CHUNK_SIZE, chunked_source, is_chunked
 from .em import EM
 from .fitting import EMResult, check_fit_options, check_seed

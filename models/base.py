@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from contextlib import nullcontext
 
 import numpy as np
 import pyro
@@ -147,6 +148,45 @@ def check_squares(t: torch.Tensor, what: str) -> None:
                 "rescale the data first, e.g. divide each feature by its standard deviation "
                 "(x / x.std(0))"
             )
+
+
+def check_seed(seed) -> int | None:
+    """``seed`` as an int (or None), or a ``ValueError`` with the fix."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(
+            f"seed must be a non-negative integer or None, got {seed!r}; e.g. seed=0 "
+            "repeats a run, seed=None draws a fresh one"
+        )
+    return int(seed)
+
+
+def check_positive_int(name: str, value, hint: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (NumPy integers too, bools not).
+
+    Otherwise a ``ValueError``: ``"<name> must be a positive integer, got <value>; <hint>"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}; {hint}")
+    return int(value)
+
+
+@torch.no_grad()
+def ancestral_sample(program, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``program(n, None)`` forward; returns its ``(x, z)`` site values.
+
+    With a ``seed`` the draws come from torch's generator seeded with it, inside
+    ``torch.random.fork_rng``: the same seed gives the same samples, and the caller's
+    random state is not changed.
+    """
+    check_positive_int("n", n, "the number of samples to draw")
+    seed = check_seed(seed)
+    with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)  # the caller's random state is left as it was
+        trace = pyro.poutine.trace(program).get_trace(int(n), None)
+    return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -481,14 +521,13 @@ class MixtureModel(PyroModule):
 
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``n`` samples by ancestral sampling; returns ``(x, z)``, shapes (n, D), (n,)."""
+        """Draw ``n`` samples by ancestral sampling; returns ``(x, z)``, shapes (n, D), (n,).
+
+        ``seed`` fixes the draws without touching the caller's random state.
+        """
         self._require_built()
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        if seed is not None:
-            pyro.set_rng_seed(seed)
-        trace = poutine.trace(self._program).get_trace(int(n), None)
-        return trace.nodes["x"]["value"].to(self.dtype), trace.nodes["z"]["value"]
+        x, z = ancestral_sample(self._program, n, seed)
+        return x.to(self.dtype), z
 
     def extra_repr(self) -> str:
         return f"n_components={self.n_components}, n_features={self.n_features_in_}"

@@ -25,8 +25,14 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
-from .base import as_data_tensor, as_tensor, check_data_matrix, check_squares
-from .vae import ancestral_sample, check_positive_int
+from .base import (
+    ancestral_sample,
+    as_data_tensor,
+    as_tensor,
+    check_data_matrix,
+    check_positive_int,
+    check_squares,
+)
 
 
 class LinearGaussian(PyroModule):

@@ -29,7 +29,7 @@ from pyro.ops.special import log_binomial
 from torch import nn
 from torch.distributions import constraints, transform_to
 
-from .base import as_data_tensor, check_data_matrix
+from .base import ancestral_sample, as_data_tensor, check_data_matrix, check_positive_int
 
 LIKELIHOODS = ("gaussian-unit", "gaussian", "bernoulli", "binomial")
 
@@ -44,26 +44,6 @@ def mlp(
         if i < len(sizes) - 2:
             layers.append(activation())
     return nn.Sequential(*layers)
-
-
-def check_positive_int(name: str, value, hint: str) -> int:
-    """``value`` as an ``int`` if it is a positive integer (NumPy integers too, bools not).
-
-    Otherwise a ``ValueError``: ``"<name> must be a positive integer, got <value>; <hint>"``.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}; {hint}")
-    return int(value)
-
-
-@torch.no_grad()
-def ancestral_sample(program, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``program(n, None)`` forward; returns its ``(x, z)`` site values."""
-    check_positive_int("n", n, "the number of samples to draw")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    trace = pyro.poutine.trace(program).get_trace(int(n), None)
-    return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
 
 
 def check_hidden(hidden) -> tuple[int, ...]:

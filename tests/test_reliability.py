@@ -398,3 +398,43 @@ def test_poisson_and_categorical_keep_their_support_checks():
         fit(PoissonMixture(2), np.array([[0.5, 1], [1, 2], [3, 1]]))
     with refused("CategoricalMixture needs category codes"):
         fit(CategoricalMixture(2), np.array([[0.5, 1], [1, 2], [3, 1]]))
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        ({"callback": "print"}, ("callback must be a function callback(iteration, model)",)),
+        ({"learning_rate": "1e-3"}, ("learning_rate must be a number, got '1e-3'",)),
+        ({"learning_rate": float("inf")}, ("learning_rate must be positive and finite",)),
+        ({"gradient_max_iter": 0}, ("gradient_max_iter must be a positive integer, got 0",)),
+    ],
+)
+def test_more_options_are_refused_at_construction(options, fragments):
+    """A callback that is not callable used to fail after the start; a string learning
+    rate with a TypeError; gradient_max_iter=0 was taken (M-steps that never move)."""
+    with refused(*fragments):
+        em(GaussianMixture(2), **options)
+
+
+def test_em_on_a_model_that_is_not_a_mixture_names_the_right_guide():
+    """EM(PPCA, ExactPosterior(PPCA)) used to fail with an AttributeError inside fit."""
+    model = PPCA(2, 1)
+    with refused("EM fits mixtures (a MixtureModel); got PPCA", "ExactGaussianPosterior(model)"):
+        EM(model, ExactPosterior(model))
+
+
+def test_sampling_with_a_seed_repeats_and_leaves_the_global_state_alone():
+    """sample(n, seed) used to reseed Pyro's global generators (and seed='a' gave
+    'invalid literal for int()'). Now: the same draws for the same seed, the caller's
+    torch state untouched, and a clear refusal of a bad seed."""
+    model = GaussianMixture(2)
+    fit(model, two_clusters())
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, _ = model.sample(5, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b, _ = model.sample(5, seed=7)
+    assert torch.equal(a, b)
+    for seed in ("a", -1, 2.5):
+        with refused("seed must be a non-negative integer or None"):
+            model.sample(5, seed=seed)
