@@ -40,7 +40,11 @@ def callback(it, model):
 
 
 model = GaussianMixture(3)
-start = {"means": torch.tensor(np.asarray(x[:3]) + 0.5)}
+start = {  # a complete start: the same on every rank and in one process
+    "weights": torch.full((3,), 1 / 3, dtype=torch.float64),
+    "means": torch.tensor(np.asarray(x[:3]) + 0.5),
+    "covariances": torch.eye(x.shape[1], dtype=torch.float64).expand(3, -1, -1),
+}
 em = EM(
     model,
     ExactPosterior(model),

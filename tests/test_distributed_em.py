@@ -74,7 +74,12 @@ def test_two_processes_equal_one(data, tmp_path):
     two = torch.load(out, weights_only=True)
     x = torch.from_numpy(np.load(data))
     model = GaussianMixture(3)
-    em = EM(model, ExactPosterior(model), init={"means": x[:3] + 0.5}, tol=0.0, max_iter=6)
+    start = {
+        "weights": torch.full((3,), 1 / 3, dtype=torch.float64),
+        "means": x[:3] + 0.5,
+        "covariances": torch.eye(x.shape[1], dtype=torch.float64).expand(3, -1, -1),
+    }
+    em = EM(model, ExactPosterior(model), init=start, tol=0.0, max_iter=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         one = em.fit(x)
