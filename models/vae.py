@@ -134,47 +134,52 @@ def check_network(
     submodule's train/eval mode and the global random state as they were
     (:func:`leaves_unchanged`). ``ValueError`` saying what to change otherwise.
     """
-    with leaves_unchanged(net), torch.no_grad():
-        try:
-            out = net(torch.zeros(2, in_dim, dtype=dtype))
-        except Exception as error:  # a shape error deep inside the user's network
-            raise ValueError(
-                f"the {role} cannot take inputs of shape (batch, {in_dim}): {error}; "
-                f"its first layer must accept {in_dim} features"
-            ) from error
-        outs = out if isinstance(out, tuple) else (out,)
-        got = [tuple(o.shape) for o in outs]
-        if got != out_shapes:
-            raise ValueError(
-                f"the {role} maps (2, {in_dim}) to {_shape(got)}, expected "
-                f"{_shape(out_shapes)}; make its output match"
+    out_dims = ", ".join(str(s[-1]) for s in out_shapes)
+    leading_fix = (
+        f"the {role} must accept any leading dimensions, (..., {in_dim}) -> "
+        f"(..., {out_dims}), because particles are drawn in an outer plate "
+        f"(elbo_per_datapoint, iwae_log_likelihood and vectorised particles pass "
+        f"(samples, batch, {in_dim})): use nn.Linear layers, or flatten only the leading "
+        f"dimensions, h = z.reshape(-1, {in_dim}), and restore them on the output, "
+        "out.reshape(*z.shape[:-1], -1)"
+    )
+    # each probe: (leading dims, what a failure says, what a wrong output shape says)
+    probes = [
+        (
+            (2,),
+            lambda e: (
+                f"cannot take inputs of shape (batch, {in_dim}): {e}; its first "
+                f"layer must accept {in_dim} features"
+            ),
+            "make its output match",
+        ),
+    ]
+    if leading_dims:
+        probes.append(
+            (
+                (3, 2),
+                lambda e: (
+                    f"fails on an input of shape (3, 2, {in_dim}) "
+                    f"({type(e).__name__}: {e}); {leading_fix}"
+                ),
+                leading_fix,
             )
-        if not leading_dims:
-            return
-        out_dims = ", ".join(str(s[-1]) for s in out_shapes)
-        fix = (
-            f"the {role} must accept any leading dimensions, (..., {in_dim}) -> "
-            f"(..., {out_dims}), because particles are drawn in an outer plate "
-            f"(elbo_per_datapoint, iwae_log_likelihood and vectorised particles pass "
-            f"(samples, batch, {in_dim})): use nn.Linear layers, or flatten only the leading "
-            f"dimensions, h = z.reshape(-1, {in_dim}), and restore them on the output, "
-            "out.reshape(*z.shape[:-1], -1)"
         )
-        try:
-            out = net(torch.zeros(3, 2, in_dim, dtype=dtype))
-        except Exception as error:
-            raise ValueError(
-                f"the {role} fails on an input of shape (3, 2, {in_dim}) "
-                f"({type(error).__name__}: {error}); {fix}"
-            ) from error
-        outs = out if isinstance(out, tuple) else (out,)
-        got = [tuple(o.shape) for o in outs]
-        expected = [(3, *s) for s in out_shapes]
-        if got != expected:
-            raise ValueError(
-                f"the {role} maps (3, 2, {in_dim}) to {_shape(got)}, expected "
-                f"{_shape(expected)}; {fix}"
-            )
+    with leaves_unchanged(net), torch.no_grad():
+        for lead, fails, mismatch in probes:
+            shape = (*lead, in_dim)
+            try:
+                out = net(torch.zeros(shape, dtype=dtype))
+            except Exception as error:  # a shape error deep inside the user's network
+                raise ValueError(f"the {role} {fails(error)}") from error
+            outs = out if isinstance(out, tuple) else (out,)
+            got = [tuple(o.shape) for o in outs]
+            expected = [(*lead[:-1], *s) for s in out_shapes]
+            if got != expected:
+                raise ValueError(
+                    f"the {role} maps {shape} to {_shape(got)}, expected {_shape(expected)}; "
+                    f"{mismatch}"
+                )
 
 
 class LogitBinomial(dist.Binomial):

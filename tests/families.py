@@ -1,10 +1,19 @@
-"""Ground-truth mixtures of every family, shared by the tests."""
+"""Ground-truth mixtures of every family, and a family a user adds, shared by the tests."""
 
 from __future__ import annotations
 
+import pyro.distributions as dist
 import torch
+from pyro.nn import PyroParam
+from torch.distributions import constraints
 
-from elbolab.models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture
+from elbolab.models import (
+    BernoulliMixture,
+    CategoricalMixture,
+    GaussianMixture,
+    MixtureModel,
+    PoissonMixture,
+)
 
 FAMILIES = [
     "gaussian-full",
@@ -72,3 +81,22 @@ def sample_data(family: str, n: int = 300, K: int = 3, D: int = 3, seed: int = 0
     """``n`` samples (n, D) from the ground-truth mixture of ``family``."""
     x, _ = fitted_model(family, K, D).sample(n, seed=seed)
     return x
+
+
+class ExponentialMixture(MixtureModel):
+    """A new family in a few lines: p_k(x) = prod_j rate_kj exp(-rate_kj x_j)."""
+
+    def _build(self, n_features, dtype):
+        self.rates = PyroParam(
+            torch.ones(self.n_components, n_features, dtype=dtype), constraints.positive
+        )
+
+    def _component_params(self):
+        return {"rates": self.rates}
+
+    def _component_dist(self, rates):
+        return dist.Exponential(rates).to_event(1)
+
+    def _check_support(self, x, fitted):
+        if bool((x < 0).any()):
+            raise ValueError("ExponentialMixture needs non-negative data")

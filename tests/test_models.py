@@ -7,13 +7,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.nn import PyroParam
-from torch.distributions import constraints
 
 from elbolab.guides import ExactPosterior
 from elbolab.inference import EM, gradient_m_step, lookup_m_step, register_m_step
-from elbolab.models import MixtureModel
-from families import FAMILIES, fitted_model, sample_data, true_params
+from families import FAMILIES, ExponentialMixture, fitted_model, sample_data, true_params
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -85,25 +82,6 @@ def test_set_params_round_trips():
 
 
 # ---------------------------------------------------------------- extending the collection
-class ExponentialMixture(MixtureModel):
-    """A new family in a few lines: p_k(x) = prod_j rate_kj exp(-rate_kj x_j)."""
-
-    def _build(self, n_features, dtype):
-        self.rates = PyroParam(
-            torch.ones(self.n_components, n_features, dtype=dtype), constraints.positive
-        )
-
-    def _component_params(self):
-        return {"rates": self.rates}
-
-    def _component_dist(self, rates):
-        return dist.Exponential(rates).to_event(1)
-
-    def _check_support(self, x, fitted):
-        if bool((x < 0).any()):
-            raise ValueError("ExponentialMixture needs non-negative data")
-
-
 class ExponentialMixtureClosedForm(ExponentialMixture):
     pass
 

@@ -14,12 +14,11 @@ import re
 import warnings
 
 import numpy as np
+import pyro.distributions as dist
 import pytest
 import torch
-from pyro.nn import PyroParam
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
-from torch.distributions import constraints
 
 from elbolab.guides import ExactGaussianPosterior, ExactPosterior
 from elbolab.inference import EM, DirectML, ppca_closed_form
@@ -29,10 +28,10 @@ from elbolab.models import (
     CategoricalMixture,
     FactorAnalysis,
     GaussianMixture,
-    MixtureModel,
     NotFittedError,
     PoissonMixture,
 )
+from families import ExponentialMixture
 
 KINDS = ("full", "tied", "diag", "spherical")
 
@@ -325,35 +324,21 @@ def test_guide_checks_the_data_it_is_given():
         guide.probs(np.full((4, 2), np.nan))
 
 
-class _Exponential(MixtureModel):
-    """A user's family: exponential components, with or without ``.to_event(1)``."""
-
-    forget_event = False
-
-    def _build(self, n_features, dtype):
-        self.rates = PyroParam(
-            torch.ones(self.n_components, n_features, dtype=dtype), constraints.positive
-        )
-
-    def _component_params(self):
-        return {"rates": self.rates}
+class _ForgetsTheEvent(ExponentialMixture):
+    """A user's family whose ``_component_dist`` forgets ``.to_event(1)``."""
 
     def _component_dist(self, rates):
-        import pyro.distributions as dist
-
-        d = dist.Exponential(rates)
-        return d if self.forget_event else d.to_event(1)
+        return dist.Exponential(rates)
 
 
 @pytest.mark.parametrize("D", [1, 3])
 def test_a_family_that_forgets_to_event_is_told_the_event_shape_rule(D):
     """One error naming the rule (before: a plate shape mismatch, or with D = 1 a size
     error inside the enumeration), raised when the model is built, before any work."""
-    model = _Exponential(2)
-    model.forget_event = True
+    model = _ForgetsTheEvent(2)
     x = np.abs(np.random.default_rng(0).normal(size=(30, D))) + 0.1
     with refused(
-        "_Exponential._component_dist must return a distribution with batch shape",
+        "_ForgetsTheEvent._component_dist must return a distribution with batch shape",
         f"event shape (n_features,) = ({D},)",
         "add .to_event(1)",
     ):
@@ -363,7 +348,7 @@ def test_a_family_that_forgets_to_event_is_told_the_event_shape_rule(D):
 
 def test_fitted_attributes_are_detached():
     """Every parameter p of a family is also p_, detached: float() on it does not warn."""
-    model = _Exponential(1)
+    model = ExponentialMixture(1)
     x = np.random.default_rng(0).exponential(2.0, size=(200, 1))
     fit(model, x, m_step="gradient", max_iter=50, tol=1e-8)
     assert model.rates.grad_fn is not None  # the live parameter, for Pyro
