@@ -2,28 +2,28 @@
 
 from sklearn.exceptions import ConvergenceWarning
 
-from . import closed_form  # noqa: F401  (registers the closed-form M-steps)
-from .bayesian import BayesianMixture
-from .compare import Comparison, Selection, compare, select_k
-from .compiled import CompiledELBO, TracingFailed, is_compilable
+from ..models.bayesian import BayesianMixture
+from ..models.priors import MixturePrior, lookup_prior, prior_for, register_prior
+from .compare.posterior import LabelReport, nuts_flags, relabel, to_inference_data
+from .compare.schemes import SchemeFit, lookup_scheme, register_scheme, schemes_for
+from .compare.table import Comparison, Selection, compare, select_k
 from .direct import DirectML, marginal_log_likelihood
-from .em import EM
-from .evaluate import (
+from .em import closed_form  # noqa: F401  (registers the closed-form M-steps)
+from .em.fitter import EMResult, MixtureFitter
+from .em.gradient import elbo_loss, gradient_m_step
+from .em.linear_gaussian import LinearGaussianEM, linear_gaussian_m_step, ppca_closed_form
+from .em.loop import EM
+from .em.registry import lookup_m_step, register_m_step, registered_families, weights_m_step
+from .em.statistics import SufficientStatistics, lookup_statistics, register_statistics
+from .svi.compiled import CompiledELBO, TracingFailed, is_compilable
+from .svi.evaluate import (
     bound_terms,
     elbo_per_datapoint,
     iwae_log_likelihood,
     latent_means,
     reconstruct,
 )
-from .fitting import EMResult, MixtureFitter
-from .gradient_m_step import elbo_loss, gradient_m_step
-from .linear_gaussian import LinearGaussianEM, linear_gaussian_m_step, ppca_closed_form
-from .posterior import LabelReport, nuts_flags, relabel, to_inference_data
-from .priors import MixturePrior, lookup_prior, prior_for, register_prior
-from .registry import lookup_m_step, register_m_step, registered_families, weights_m_step
-from .schemes import SchemeFit, lookup_scheme, register_scheme, schemes_for
-from .statistics import SufficientStatistics, lookup_statistics, register_statistics
-from .svi import SVITrainer, TrainingDiverged, TrainResult
+from .svi.trainer import SVITrainer, TrainingDiverged, TrainResult
 
 __all__ = [
     "EM",

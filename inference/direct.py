@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
 from ..models.enumeration import enumerate_joint
-from .fitting import EMResult, MixtureFitter
+from .em.fitter import EMResult, MixtureFitter
 
 
 def _no_guide(*args, **kwargs) -> None:

@@ -1,6 +1,7 @@
 """Latent-variable models written as Pyro programs p(z) p(x | z; theta)."""
 
 from .base import MixtureModel, NotFittedError, as_data_tensor
+from .bayesian import BayesianMixture  # noqa: E402  (after the families it reads)
 from .bernoulli import BernoulliMixture
 from .categorical import CategoricalMixture
 from .enumeration import EnumeratedJoint, enumerate_joint
@@ -10,6 +11,7 @@ from .poisson import PoissonMixture
 from .vae import VAE
 
 __all__ = [
+    "BayesianMixture",
     "BernoulliMixture",
     "CategoricalMixture",
     "EnumeratedJoint",

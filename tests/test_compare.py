@@ -42,11 +42,11 @@ from elbolab.inference import (
     schemes_for,
     select_k,
 )
-from elbolab.inference.bayesian import mean_field_loss
-from elbolab.inference.compare import COLUMNS
-from elbolab.inference.mixture_schemes import initialize
-from elbolab.inference.posterior import arviz, loo_flags, to_inference_data
-from elbolab.inference.schemes import _SCHEMES
+from elbolab.inference.compare.bayesian import mean_field_loss
+from elbolab.inference.compare.mixture import initialize
+from elbolab.inference.compare.posterior import arviz, loo_flags, to_inference_data
+from elbolab.inference.compare.schemes import _SCHEMES
+from elbolab.inference.compare.table import COLUMNS
 from elbolab.models import (
     VAE,
     BernoulliMixture,

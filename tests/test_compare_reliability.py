@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from elbolab.inference import SchemeFit, compare, register_scheme, select_k
-from elbolab.inference.bayesian import BayesianMixture, fit_map
-from elbolab.inference.mixture_schemes import collapse_flags, initialize
-from elbolab.inference.schemes import _SCHEMES, lookup_scheme
-from elbolab.models import PPCA, GaussianMixture
+from elbolab.inference.compare.bayesian import fit_map
+from elbolab.inference.compare.mixture import collapse_flags, initialize
+from elbolab.inference.compare.schemes import _SCHEMES, lookup_scheme
+from elbolab.models import PPCA, BayesianMixture, GaussianMixture
 
 #: a mixture's schemes and their options small enough for a test
 FAST = {

@@ -20,7 +20,7 @@ from torch import nn
 
 from elbolab.guides import AmortizedNormal
 from elbolab.inference import CompiledELBO, SVITrainer, TracingFailed, is_compilable
-from elbolab.inference.graph_passes import (
+from elbolab.inference.svi.graph_passes import (
     drop_identities,
     fold_constants,
     fold_negations,

@@ -16,13 +16,13 @@ from sklearn.exceptions import ConvergenceWarning
 
 from elbolab.guides import ExactGaussianPosterior
 from elbolab.inference import EM, linear_gaussian_m_step
-from elbolab.inference.gaussian_moments import (
+from elbolab.inference.em.gaussian_moments import (
     Moments,
     bound_sum,
     log_likelihood_sum,
     m_step_sums,
 )
-from elbolab.inference.linear_gaussian import m_step_from_sums
+from elbolab.inference.em.linear_gaussian import m_step_from_sums
 from elbolab.models import PPCA, FactorAnalysis, gaussian_bound
 
 TOL = 1e-10

@@ -17,10 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import elbolab.inference.em as em_module
+import elbolab.inference.em.loop as em_module
 from elbolab.guides import ExactPosterior
 from elbolab.inference import EM
-from elbolab.inference.gradient_m_step import elbo_loss
+from elbolab.inference.em.gradient import elbo_loss
 from elbolab.models import GaussianMixture, PoissonMixture
 from families import FAMILIES, fitted_model, sample_data
 
@@ -130,8 +130,8 @@ def test_minibatch_svi_without_closed_form(data, batch):
 
 def test_data_level_m_step_cannot_be_averaged():
     """A family with only a data-level M-step says how to get stochastic EM."""
-    from elbolab.inference.registry import _M_STEPS, register_m_step
-    from elbolab.inference.statistics import _STATISTICS
+    from elbolab.inference.em.registry import _M_STEPS, register_m_step
+    from elbolab.inference.em.statistics import _STATISTICS
 
     class Counts(PoissonMixture):
         pass

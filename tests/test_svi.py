@@ -109,7 +109,7 @@ def test_kl_warmup_scales_the_kl_term():
     assert [trainer.beta(e) for e in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
     assert SVITrainer(model, guide, progress=False).beta(1) == 1.0
     batch = x_train[:256]
-    from elbolab.inference.svi import ScaleSite
+    from elbolab.inference.svi.trainer import ScaleSite
 
     with torch.no_grad():
         pyro.set_rng_seed(0)

@@ -18,7 +18,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 from elbolab.guides import AmortizedNormal
 from elbolab.inference import SVITrainer
-from elbolab.inference.evaluate import _log_weights
+from elbolab.inference.svi.evaluate import _log_weights
 from elbolab.models import VAE
 
 EXACT = 1e-10

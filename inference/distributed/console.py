@@ -360,7 +360,7 @@ def _mixture(args: argparse.Namespace, shard: np.ndarray) -> nn.Module:
 
 def _run_em(args: argparse.Namespace) -> None:
     from ...guides import ExactPosterior
-    from ..em import EM  # here, not at the top: EM itself imports this package
+    from ..em.loop import EM  # here, not at the top: EM itself imports this package
 
     _check_out(args.out, ("model.pt", "result.json"))
     shard, error = None, None

@@ -21,7 +21,7 @@ import pyro
 import torch
 from torch import nn
 
-from ..svi import TrainingDiverged
+from ..svi.trainer import TrainingDiverged
 from .collectives import (
     _broadcast_object,
     _device,

@@ -21,7 +21,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-from ..models.base import check_positive_int
+from ...models.base import check_positive_int
 
 _PARTICLES = "draws of z per datapoint, e.g. num_particles=10"
 _BATCH = "datapoints per pass, e.g. batch_size=256"

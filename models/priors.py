@@ -41,8 +41,11 @@ from dataclasses import dataclass, field
 import pyro.distributions as dist
 import torch
 
-from ..models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture
-from ..models.base import MixtureModel
+from .base import MixtureModel
+from .bernoulli import BernoulliMixture
+from .categorical import CategoricalMixture
+from .gaussian import GaussianMixture
+from .poisson import PoissonMixture
 
 #: site values (leading sample dims allowed) -> tensors
 ValueMap = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.linear_gaussian import LinearGaussian
+from ...models.linear_gaussian import LinearGaussian
 
 
 @dataclass

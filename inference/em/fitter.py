@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from ..guides import ExactPosterior
-from ..models.base import MixtureModel, as_tensor, check_seed
-from .chunks import DEFAULT_CHUNK_SIZE, DataSource, InMemory, chunked_source, is_chunked
-from .gradient_m_step import gradient_m_step
+from ...guides import ExactPosterior
+from ...models.base import MixtureModel, as_tensor, check_seed
+from .data import DEFAULT_CHUNK_SIZE, DataSource, InMemory, chunked_source, is_chunked
+from .gradient import gradient_m_step
 from .init import INIT_METHODS, initial_responsibilities
 from .registry import weights_m_step
 from .statistics import SufficientStatistics, lookup_statistics

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..guides import ExactPosterior
-from ..models.base import MixtureModel, check_positive_int
-from .chunks import DEFAULT_CHUNK_SIZE, DataSource
-from .fitting import EMResult, MixtureFitter, real_number
-from .gradient_m_step import elbo_loss, gradient_m_step
+from ...guides import ExactPosterior
+from ...models.base import MixtureModel, check_positive_int
+from .data import DEFAULT_CHUNK_SIZE, DataSource
+from .fitter import EMResult, MixtureFitter, real_number
+from .gradient import elbo_loss, gradient_m_step
 from .registry import lookup_m_step
 from .statistics import lookup_statistics
 
@@ -136,7 +136,7 @@ class EM(MixtureFitter):
 
     def __new__(cls, model=None, guide=None, *args, **kwargs):
         # A Gaussian latent has its own E- and M-steps (LG-EM): EM(model, guide) picks them.
-        from ..guides.exact_gaussian import ExactGaussianPosterior
+        from ...guides.exact_gaussian import ExactGaussianPosterior
         from .linear_gaussian import LinearGaussianEM
 
         if cls is EM and isinstance(guide, ExactGaussianPosterior):
@@ -228,7 +228,7 @@ class EM(MixtureFitter):
     def _source(self, x, sample_weight, reset: bool) -> DataSource:
         if not self.distributed:
             return super()._source(x, sample_weight, reset)
-        from . import distributed as dist_ops
+        from .. import distributed as dist_ops
 
         source, error = None, None
         try:
@@ -245,7 +245,7 @@ class EM(MixtureFitter):
     def _initialize_from(self, source: DataSource, rng) -> None:
         if not self.distributed:
             return super()._initialize_from(source, rng)
-        from . import distributed as dist_ops
+        from .. import distributed as dist_ops
 
         error = None
         try:
@@ -265,7 +265,7 @@ class EM(MixtureFitter):
             if error is not None:
                 raise error
             return e
-        from . import distributed as dist_ops
+        from .. import distributed as dist_ops
 
         dist_ops.agree(error, what)
         scalars = torch.tensor([e.log_lik, e.neg_entropy, e.weight, e.rows], dtype=torch.float64)
@@ -334,7 +334,7 @@ class EM(MixtureFitter):
     # ------------------------------------------------------------------ batch EM
     def _run(self, x, w, desc: str) -> EMResult:
         """EM iterations on data in memory (one chunk)."""
-        from .chunks import InMemory
+        from .data import InMemory
 
         return self._run_source(InMemory(x, w), desc)
 

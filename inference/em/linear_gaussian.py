@@ -39,18 +39,18 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 
-from ..guides.exact_gaussian import ExactGaussianPosterior
-from ..models.base import check_positive_int
-from ..models.linear_gaussian import PPCA, LinearGaussian
-from .chunks import DEFAULT_CHUNK_SIZE, chunked_source, is_chunked
-from .em import EM
-from .fitting import EMResult, check_fit_options, check_seed
+from ...guides.exact_gaussian import ExactGaussianPosterior
+from ...models.base import check_positive_int
+from ...models.linear_gaussian import PPCA, LinearGaussian
+from .data import DEFAULT_CHUNK_SIZE, chunked_source, is_chunked
+from .fitter import EMResult, check_fit_options, check_seed
 from .gaussian_moments import (
     Moments,
     bound_sum,
     log_likelihood_sum,
     m_step_sums,
 )
+from .loop import EM
 
 INIT_METHODS = ("random",)
 

@@ -52,11 +52,8 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from ..models.base import as_data_tensor
-from . import (
-    linear_gaussian_schemes,  # noqa: F401  (registers PPCA / FA schemes)
-    mixture_schemes,  # noqa: F401  (registers the mixture schemes)
-)
+from ...models.base import as_data_tensor
+from . import linear_gaussian, mixture  # noqa: F401  (register the PPCA / FA and mixture schemes)
 from .posterior import arviz, loo_flags
 from .schemes import Scheme, SchemeFit, resolve_schemes, schemes_for
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .bayesian import BayesianMixture
-from .priors import MixturePrior
+from ...models.bayesian import BayesianMixture
+from ...models.priors import MixturePrior
 
 if TYPE_CHECKING:
     import arviz as az

@@ -40,9 +40,14 @@ import os
 import numpy as np
 import torch
 
-from ..guides import ExactPosterior
-from ..models.base import MixtureModel
-from ..models.gaussian import GaussianMixture
+from ...guides import ExactPosterior
+from ...models.base import MixtureModel
+from ...models.gaussian import GaussianMixture
+from ...models.priors import MixturePrior, lookup_prior, prior_for
+from ..direct import DirectML
+from ..em.init import INIT_METHODS
+from ..em.loop import EM
+from ..em.registry import lookup_m_step
 from .bayesian import (
     BayesianMixture,
     fit_map,
@@ -52,9 +57,6 @@ from .bayesian import (
     sample_nuts,
     torch_threads,
 )
-from .direct import DirectML
-from .em import EM
-from .init import INIT_METHODS
 from .posterior import (
     RHAT_MAX,
     component_key,
@@ -64,8 +66,6 @@ from .posterior import (
     relabel,
     to_inference_data,
 )
-from .priors import MixturePrior, lookup_prior, prior_for
-from .registry import lookup_m_step
 from .schemes import (
     SchemeFit,
     check_bool_option,

@@ -158,13 +158,13 @@ class DataStatistics(SufficientStatistics):
 
 # ---------------------------------------------------------------------------- the families
 # imported here, after the registry, so the model modules stay free of inference code
-from ..models import (  # noqa: E402
+from ...models import (  # noqa: E402
     BernoulliMixture,
     CategoricalMixture,
     GaussianMixture,
     PoissonMixture,
 )
-from ..models.gaussian import BLOCK, cholesky_or_raise, singular_covariance_error  # noqa: E402
+from ...models.gaussian import BLOCK, cholesky_or_raise, singular_covariance_error  # noqa: E402
 
 
 def _clamp_probs(p: torch.Tensor) -> torch.Tensor:

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from ..guides import AmortizedNormal, ExactGaussianPosterior
-from ..models.linear_gaussian import PPCA, LinearGaussian, gaussian_bound
-from .em import EM
-from .linear_gaussian import ppca_closed_form
+from ...guides import AmortizedNormal, ExactGaussianPosterior
+from ...models.linear_gaussian import PPCA, LinearGaussian, gaussian_bound
+from ..em.linear_gaussian import ppca_closed_form
+from ..em.loop import EM
+from ..svi.trainer import SVITrainer
 from .schemes import (
     SchemeFit,
     check_number_option,
     check_positive_int_option,
     register_scheme,
 )
-from .svi import SVITrainer
 
 
 def canonical(model: LinearGaussian) -> dict[str, torch.Tensor]:

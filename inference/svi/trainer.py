@@ -33,8 +33,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from ..models.base import check_positive_int
-from ..models.vae import _cuda_devices, leaves_unchanged
+from ...models.base import check_positive_int
+from ...models.vae import _cuda_devices, leaves_unchanged
 from .compiled import CompiledELBO, is_compilable
 
 

@@ -11,7 +11,7 @@ covariance diagonals (Gaussian), as a pseudo-count (Bernoulli, categorical), add
 
 from __future__ import annotations
 
-from ..models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture
+from ...models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture
 from .registry import register_m_step
 from .statistics import lookup_statistics
 
