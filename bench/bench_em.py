@@ -309,7 +309,7 @@ def bench_breakdown(x: np.ndarray, model, guide, repeats: int) -> list[tuple[str
     from torch.distributions import MultivariateNormal
 
     from elbolab.inference import EM
-    from elbolab.inference.em.registry import lookup_m_step
+    from elbolab.inference.em.mixture import lookup_m_step
     from elbolab.models.enumeration import enumerate_joint
 
     xt = torch.as_tensor(x)

@@ -60,8 +60,9 @@ class ExactGaussianPosterior(PyroModule):
 
     # ------------------------------------------------------------------ E-step
     @torch.no_grad()
-    def refresh(self, x=None) -> ExactGaussianPosterior:
-        """E-step: theta~ := theta; with ``x``, compute and cache q for it."""
+    def refresh(self, x=None, sample_weight=None) -> ExactGaussianPosterior:
+        """E-step: theta~ := theta; with ``x``, compute and cache q for it (weights do not
+        change a posterior; they are taken for the signature of the other guides)."""
         model, twin = self.model, self.twin
         if twin is None or twin.dtype != model.dtype:
             twin = copy.deepcopy(model)

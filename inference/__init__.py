@@ -8,13 +8,21 @@ from .compare.posterior import LabelReport, nuts_flags, relabel, to_inference_da
 from .compare.schemes import SchemeFit, lookup_scheme, register_scheme, schemes_for
 from .compare.table import Comparison, Selection, compare, select_k
 from .direct import DirectML, marginal_log_likelihood
-from .em import closed_form  # noqa: F401  (registers the closed-form M-steps)
-from .em.fitter import EMResult, MixtureFitter
+from .em import hmm, linear_gaussian  # noqa: F401  (register their families)
+from .em.family import Family, register_family
+from .em.fitter import EMResult, Fitter, MixtureFitter
 from .em.gradient import elbo_loss, gradient_m_step
-from .em.linear_gaussian import LinearGaussianEM, linear_gaussian_m_step, ppca_closed_form
+from .em.linear_gaussian import linear_gaussian_m_step, ppca_closed_form
 from .em.loop import EM
-from .em.registry import lookup_m_step, register_m_step, registered_families, weights_m_step
-from .em.statistics import SufficientStatistics, lookup_statistics, register_statistics
+from .em.mixture import (
+    SufficientStatistics,
+    lookup_m_step,
+    lookup_statistics,
+    register_m_step,
+    register_statistics,
+    registered_families,
+    weights_m_step,
+)
 from .svi.compiled import CompiledELBO, TracingFailed, is_compilable
 from .svi.evaluate import (
     bound_terms,
@@ -44,6 +52,9 @@ __all__ = [
     "elbo_loss",
     "gradient_m_step",
     "LinearGaussianEM",
+    "Family",
+    "Fitter",
+    "register_family",
     "linear_gaussian_m_step",
     "ppca_closed_form",
     "is_compilable",
@@ -73,3 +84,6 @@ __all__ = [
     "select_k",
     "to_inference_data",
 ]
+
+#: the name of EM for PPCA and factor analysis when it was a class of its own
+LinearGaussianEM = EM

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
 from ..models.enumeration import enumerate_joint
-from .em.fitter import EMResult, MixtureFitter
+from .em.fitter import EMResult, Fitter
 
 
 def _no_guide(*args, **kwargs) -> None:
@@ -41,7 +41,7 @@ def marginal_log_likelihood(model, x, sample_weight=None) -> torch.Tensor:
     return -elbo.differentiable_loss(config_enumerate(model, "parallel"), _no_guide, x)
 
 
-class DirectML(MixtureFitter):
+class DirectML(Fitter):
     """Maximum likelihood by L-BFGS (or Adam) on log p(x; theta) with z summed out.
 
     ``optimizer`` is ``"lbfgs"`` (default; one quasi-Newton step with a strong-Wolfe line
@@ -97,6 +97,9 @@ class DirectML(MixtureFitter):
             callback=callback,
         )
         self.optimizer, self.lr = optimizer, lr
+
+    def _run_source(self, source, desc: str) -> EMResult:
+        return self._run(source.x, source.w, desc)
 
     def _run(self, x, w, desc: str) -> EMResult:
         """L-BFGS (or Adam) steps on log p(x; theta) from the current parameters."""

@@ -93,6 +93,11 @@ class LinearGaussian(PyroModule):
         return self.weight.dtype
 
     @property
+    def is_built(self) -> bool:
+        """Always: the parameters exist from construction (EM sets them from the data)."""
+        return True
+
+    @property
     def components_(self) -> torch.Tensor:
         """W^T, shape (k, D) (scikit-learn's layout)."""
         return self.weight.detach().T

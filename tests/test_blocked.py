@@ -10,7 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from elbolab.inference.em.statistics import GaussianStatistics
+from elbolab.inference.em.mixture import GaussianStatistics
 from elbolab.models.gaussian import BLOCK, ComponentMultivariateNormal
 
 N, K, D = BLOCK + 777, 4, 5

@@ -15,7 +15,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from elbolab.guides import ExactPosterior
 from elbolab.inference import EM, DirectML
-from elbolab.inference.em.statistics import GaussianStatistics, lookup_statistics
+from elbolab.inference.em.mixture import GaussianStatistics, lookup_statistics
 from elbolab.models import GaussianMixture
 from families import FAMILIES, make_model, sample_data, true_params
 
@@ -70,7 +70,7 @@ def test_chunked_em_equals_full_batch_em(family):
 def test_e_step_in_row_blocks_equals_one_block(family, monkeypatch):
     """Data in memory go through the E-step in blocks of rows: 50-row blocks give what one
     block of all 700 rows gives, to 1e-10 (a lost or repeated block would change every sum)."""
-    import elbolab.inference.em.loop as em_module
+    import elbolab.inference.em.mixture as em_module
 
     x = sample_data(family, 700)
     K = make_model(family).n_components

@@ -215,8 +215,8 @@ def test_bad_input_errors(wine):
         ExactGaussianPosterior(GaussianMixture(2))
     with pytest.raises(ValueError, match="closed-form M-step"):
         EM(model, ExactGaussianPosterior(model), m_step="gradient")
-    with pytest.raises(ValueError, match="sample_weight is not supported"):
-        EM(model, ExactGaussianPosterior(model)).fit(wine, sample_weight=np.ones(178))
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(178,\)"):
+        EM(model, ExactGaussianPosterior(model)).fit(wine, sample_weight=np.ones(177))
     with pytest.raises(ValueError, match="closed-form maximum likelihood exists for PPCA"):
         ppca_closed_form(FactorAnalysis(13, 3), wine)
     with pytest.raises(ValueError, match="must be positive"):

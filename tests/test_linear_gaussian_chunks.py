@@ -16,13 +16,13 @@ from sklearn.exceptions import ConvergenceWarning
 
 from elbolab.guides import ExactGaussianPosterior
 from elbolab.inference import EM, linear_gaussian_m_step
-from elbolab.inference.em.gaussian_moments import (
+from elbolab.inference.em.linear_gaussian import (
     Moments,
     bound_sum,
     log_likelihood_sum,
+    m_step_from_sums,
     m_step_sums,
 )
-from elbolab.inference.em.linear_gaussian import m_step_from_sums
 from elbolab.models import PPCA, FactorAnalysis, gaussian_bound
 
 TOL = 1e-10
@@ -117,7 +117,23 @@ def test_bad_chunks_are_named():
     em = EM(model, ExactGaussianPosterior(model), progress=False)
     with pytest.raises(ValueError, match=r"chunk 1 \(from row 100\).*features"):
         em.fit([x[:100], x[100:, :3]])
-    with pytest.raises(ValueError, match="generator cannot be checked"):
+    with pytest.raises(ValueError, match="chunks must be re-iterable"):
         em.fit(x[i : i + 100] for i in range(0, 500, 100))
-    with pytest.raises(ValueError, match=r"chunk 0 .*sample_weight is not supported"):
-        em.fit([(x[:250], torch.ones(250)), (x[250:], torch.ones(250))])
+
+
+@pytest.mark.parametrize("cls", [PPCA, FactorAnalysis])
+def test_weighted_chunks_equal_repeated_rows(cls):
+    """Sample weights enter the summary as sums: weight 2 on the first 100 rows, given as
+    (x, w) chunks, is the fit of those rows repeated (parameters, log-likelihoods and
+    bounds to 1e-10)."""
+    x = _data()
+    w = torch.ones(len(x), dtype=torch.float64)
+    w[:100] = 2.0
+    weighted, wres = _fit(cls, [(x[:250], w[:250]), (x[250:], w[250:])])
+    repeated, rres = _fit(cls, torch.cat([x[:100], x]))
+    for (name, a), (_, b) in zip(
+        weighted.state_dict().items(), repeated.state_dict().items(), strict=True
+    ):
+        assert _close(a, b), name
+    assert np.allclose(wres.log_likelihoods, rres.log_likelihoods, rtol=TOL, atol=TOL)
+    assert np.allclose(wres.lower_bounds, rres.lower_bounds, rtol=TOL, atol=TOL)

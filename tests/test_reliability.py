@@ -24,6 +24,7 @@ from elbolab.guides import ExactGaussianPosterior, ExactPosterior
 from elbolab.inference import EM, DirectML, ppca_closed_form
 from elbolab.models import (
     PPCA,
+    VAE,
     BernoulliMixture,
     CategoricalMixture,
     FactorAnalysis,
@@ -368,8 +369,6 @@ def test_linear_gaussian_options_and_init_are_checked():
         EM(model, guide, init={"weight": np.zeros((2, 2))})
     with refused("unknown init entry ['W'] for PPCA; use weight, mean, noise"):
         EM(model, guide, init={"W": np.zeros((4, 2))})
-    with refused("stochastic EM is not needed for PPCA and factor analysis"):
-        EM(model, guide, stochastic=True)  # a TypeError before
     with refused("seed must be a non-negative integer or None"):
         EM(model, guide, seed="abc")
     # a partial dict takes the rest from the "random" start: the fit of a full start
@@ -402,10 +401,14 @@ def test_more_options_are_refused_at_construction(options, fragments):
 
 
 def test_em_on_a_model_that_is_not_a_mixture_names_the_right_guide():
-    """EM(PPCA, ExactPosterior(PPCA)) used to fail with an AttributeError inside fit."""
+    """EM(PPCA, ExactPosterior(PPCA)) used to fail with an AttributeError inside fit; a VAE
+    is told where it belongs."""
     model = PPCA(2, 1)
-    with refused("EM fits mixtures (a MixtureModel); got PPCA", "ExactGaussianPosterior(model)"):
+    with refused("guide must be ExactGaussianPosterior(model) for this same model"):
         EM(model, ExactPosterior(model))
+    with refused("EM fits mixtures (a MixtureModel), PPCA and factor analysis; got VAE"):
+        vae = VAE(4, 2)
+        EM(vae, ExactPosterior(vae))
 
 
 def test_sampling_with_a_seed_repeats_and_leaves_the_global_state_alone():

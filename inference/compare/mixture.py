@@ -47,7 +47,7 @@ from ...models.priors import MixturePrior, lookup_prior, prior_for
 from ..direct import DirectML
 from ..em.init import INIT_METHODS
 from ..em.loop import EM
-from ..em.registry import lookup_m_step
+from ..em.mixture import lookup_m_step
 from .bayesian import (
     BayesianMixture,
     fit_map,

@@ -1,8 +1,9 @@
-"""What every way of fitting a mixture shares: options, data checks, starts, best-of-n.
+"""What every way of fitting a model shares: options, data checks, starts, best-of-n.
 
-A scheme (EM, direct maximisation) subclasses :class:`MixtureFitter` and writes only its
-own loop, ``_run``; validation, initialisation, ``n_init`` restarts, keeping the best
-bound, and the convergence warning live here once.
+A scheme (EM, direct maximisation) subclasses :class:`Fitter` and writes only its own
+loop, ``_run_source``; validation, the family (:mod:`.family`: the model's statistics and
+start), initialisation, ``n_init`` restarts, keeping the best bound, and the convergence
+warning live here once.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from ...guides import ExactPosterior
+from ...guides import ExactGaussianPosterior, ExactPosterior
 from ...models.base import MixtureModel, as_tensor, check_seed
+from ...models.linear_gaussian import LinearGaussian
 from .data import DEFAULT_CHUNK_SIZE, DataSource, InMemory, chunked_source, is_chunked
-from .gradient import gradient_m_step
-from .init import INIT_METHODS, initial_responsibilities
-from .registry import weights_m_step
-from .statistics import SufficientStatistics, lookup_statistics
+from .family import Chunk, Family, lookup_family
+from .gradient import GradientFamily
+from .init import INIT_METHODS
 
 
 @dataclass
@@ -147,25 +148,56 @@ def check_fit_options(*, tol, max_iter: int, n_init: int, reg_covar) -> None:
         )
 
 
-class MixtureFitter:
+#: the init methods each kind of model takes (a dict of parameters always works)
+LINEAR_GAUSSIAN_INIT = ("random",)
+
+
+def family_for(model, m_step: str = "auto") -> Family:
+    """The EM family of ``model``: its registered one, or :class:`GradientFamily` for
+    ``m_step="gradient"`` or a model with none (``ValueError`` with the fix where a closed
+    form is asked for and none exists, or where the model needs its own)."""
+    family = lookup_family(type(model))
+    if isinstance(model, LinearGaussian):
+        if m_step == "gradient":
+            raise ValueError(
+                "linear-Gaussian models use the closed-form M-step (LG-EM); pass "
+                "m_step='auto' or 'closed-form'"
+            )
+        return family
+    if m_step == "gradient":
+        return GradientFamily()
+    if family is None:
+        if m_step == "closed-form":
+            raise ValueError(
+                f"no closed-form M-step is registered for {type(model).__name__}; use "
+                "m_step='gradient' or register one with elbolab.inference.register_m_step"
+            )
+        return GradientFamily()
+    return family
+
+
+class Fitter:
     """Shared machinery of the fitting schemes; see :class:`~elbolab.inference.EM`.
 
     Parameters
     ----------
     model:
-        A :class:`~elbolab.models.MixtureModel`.
+        A :class:`~elbolab.models.MixtureModel`, or (EM) ``PPCA``/``FactorAnalysis``.
     guide:
-        ``ExactPosterior(model)`` (used by EM, and to start any scheme from responsibilities).
+        The model's exact posterior: ``ExactPosterior(model)`` for discrete latents,
+        ``ExactGaussianPosterior(model)`` for PPCA and factor analysis.
     tol, max_iter:
         Stop when the monitored mean per-sample objective changes by less than ``tol``, or
         after ``max_iter`` iterations per start.
     n_init:
         Number of starts; the one with the highest final bound is kept.
     init:
-        ``"kmeans++"`` (default), ``"kmeans"``, ``"random_from_data"``, ``"random"``, or a
-        dict of parameters (e.g. ``{"weights": w, "means": m, "covariances": c}``).
+        Mixtures: ``"kmeans++"`` (default), ``"kmeans"``, ``"random_from_data"``,
+        ``"random"``; PPCA and factor analysis: ``"random"`` (the default there); or a
+        dict of parameters (``model.param_names()``; a partial dict is completed from the
+        default start).
     reg_covar:
-        Regulariser of the closed-form M-step (see :mod:`.closed_form`); 0 gives the plain
+        Regulariser of the closed-form M-step, in the data's units; 0 gives the plain
         maximum-likelihood update.
     seed:
         Seed of the initialisations.
@@ -187,6 +219,8 @@ class MixtureFitter:
     chunk_size = DEFAULT_CHUNK_SIZE
     #: whether one pass over the data is enough (a one-shot iterator is then accepted)
     _single_pass = False
+    #: whether the last start came entirely from an ``init`` dict
+    _init_complete = False
 
     def __init__(
         self,
@@ -202,40 +236,57 @@ class MixtureFitter:
         warm_start: bool = False,
         progress: bool = True,
         callback: Callable[[int, MixtureModel], None] | None = None,
+        m_step: str = "auto",
     ) -> None:
-        if not isinstance(model, MixtureModel):
+        if isinstance(model, LinearGaussian):
+            if not isinstance(guide, ExactGaussianPosterior) or guide.model is not model:
+                raise ValueError(
+                    "guide must be ExactGaussianPosterior(model) for this same model"
+                )
+            if init == "kmeans++":  # the mixtures' default
+                init = "random"
+            methods = LINEAR_GAUSSIAN_INIT
+        elif isinstance(model, MixtureModel):
+            if not isinstance(guide, ExactPosterior) or guide.model is not model:
+                raise ValueError("guide must be ExactPosterior(model) for this same model")
+            methods = INIT_METHODS
+        else:
             raise ValueError(
-                f"{type(self).__name__} fits mixtures (a MixtureModel); got "
-                f"{type(model).__name__}. PPCA and factor analysis: EM(model, "
-                "ExactGaussianPosterior(model)); a VAE: SVITrainer(model, AmortizedNormal(...))"
+                f"{type(self).__name__} fits mixtures (a MixtureModel), PPCA and factor "
+                f"analysis; got {type(model).__name__}. PPCA and factor analysis: "
+                "EM(model, ExactGaussianPosterior(model)); a VAE: SVITrainer(model, "
+                "AmortizedNormal(...))"
             )
-        if not isinstance(guide, ExactPosterior) or guide.model is not model:
-            raise ValueError("guide must be ExactPosterior(model) for this same model")
         if callback is not None and not callable(callback):
             raise ValueError(
                 f"callback must be a function callback(iteration, model) or None, got {callback!r}"
             )
-        if not isinstance(init, dict) and not (isinstance(init, str) and init in INIT_METHODS):
-            raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
+        if not isinstance(init, dict) and not (isinstance(init, str) and init in methods):
+            raise ValueError(f"init must be one of {methods} or a dict, got {init!r}")
         check_fit_options(tol=tol, max_iter=max_iter, n_init=n_init, reg_covar=reg_covar)
+        if isinstance(init, dict) and isinstance(model, LinearGaussian):
+            unknown = sorted(set(init) - set(model.param_names()))
+            if unknown:  # (a mixture's dict is checked when it is built for the data)
+                raise ValueError(
+                    f"unknown init entr{'y' if len(unknown) == 1 else 'ies'} {unknown} for "
+                    f"{type(model).__name__}; use {', '.join(model.param_names())}"
+                )
+            copy.deepcopy(model).set_params(**init)  # shapes are known now: check a copy
         self.model, self.guide = model, guide
+        self.family = family_for(model, m_step)
         self.tol, self.max_iter, self.n_init = float(tol), int(max_iter), int(n_init)
         self.init, self.reg_covar, self.seed = init, float(reg_covar), check_seed(seed)
         self.warm_start, self.progress, self.callback = warm_start, progress, callback
         self.result_: EMResult | None = None
 
     # ------------------------------------------------------------------ to override
-    def _run(self, x: torch.Tensor, w: torch.Tensor | None, desc: str) -> EMResult:
+    def _run_source(self, source: DataSource, desc: str) -> EMResult:
         """Iterate from the model's current parameters; the scheme's own loop."""
         raise NotImplementedError
 
-    def _run_source(self, source: DataSource, desc: str) -> EMResult:
-        """Iterate over a data source; schemes that read chunks override this."""
-        return self._run(source.x, source.w, desc)
-
     def _closed_form(self) -> bool:
-        """Whether M-steps (and the start) use the registered closed form."""
-        return lookup_statistics(type(self.model)) is not None
+        """Whether M-steps (and the start) use a registered closed form."""
+        return self.family.kind == "closed-form"
 
     # ------------------------------------------------------------------ public
     def fit(self, x, sample_weight=None) -> EMResult:
@@ -348,7 +399,7 @@ class MixtureFitter:
         Exact (a power of two only moves the exponent), so every sum is the same up to that
         factor, but weights of any size (1e-300 or 1e300) keep the sums of products with
         responsibilities clear of underflow and overflow. The M-steps read the sums per unit
-        of mean weight (:meth:`m_step_from`), so the factor cancels. One process only:
+        of mean weight (the families' ``m_step``), so the factor cancels. One process only:
         ranks of a distributed fit keep their weights (their sums must add up as given).
         """
         if w is None:
@@ -361,20 +412,20 @@ class MixtureFitter:
         return w if self._weight_scale == 1.0 else w * self._weight_scale
 
     def _check_samples(self, n: int) -> None:
-        K = self.model.n_components
+        K = getattr(self.model, "n_components", 1)
         if n < K:
             raise ValueError(
                 f"x has {n} samples but the model has {K} components; "
                 f"pass at least {K} samples or use fewer components."
             )
 
-    def _chunks(self, source: DataSource, first: tuple | None = None) -> Iterator[tuple]:
-        """One pass of validated chunks ``(x_i, w_i)``; ``first`` replaces the first one read.
+    def _chunks(self, source: DataSource, first: tuple | None = None) -> Iterator[Chunk]:
+        """One pass of validated chunks; ``first`` replaces the first one read.
 
         Errors name the chunk and its first row, and keep the message's fix.
         """
         if source.in_memory:
-            yield source.x, source.w
+            yield Chunk(source.x, source.w)
             return
         row = 0
         for i, (xc, wc) in enumerate(source.chunks()):
@@ -384,7 +435,7 @@ class MixtureFitter:
             else:
                 xc, wc = self._check_chunk(i, row, xc, wc, reset=False)
             if xc.shape[0] > 0:  # (a chunk of weight 0 throughout is left out whole)
-                yield xc, wc
+                yield Chunk(xc, wc)
             row += rows
 
     def _check_chunk(self, i: int, row: int, xc, wc, reset: bool) -> tuple:
@@ -415,7 +466,7 @@ class MixtureFitter:
     def _initialize_from(self, source: DataSource, rng) -> None:
         """Start on the first chunk (all the data when in memory)."""
         x0, w0 = self._first_chunk(source, reset=True)
-        K = self.model.n_components
+        K = getattr(self.model, "n_components", 1)
         if x0.shape[0] < K and not isinstance(self.init, dict):
             raise ValueError(
                 f"the first chunk has {x0.shape[0]} rows but the model has {K} components, and "
@@ -424,71 +475,9 @@ class MixtureFitter:
             )
         self._initialize(x0, w0, rng)
 
-    # ------------------------------------------------------------------ shared pieces
-    #: whether the last start came entirely from an ``init`` dict
-    _init_complete = False
-
     def _initialize(self, x, w, rng) -> None:
-        """Build the parameters and set them: one M-step on initial responsibilities, with
-        the entries of an ``init`` dict in place of what it gives.
-
-        A dict that gives every parameter (``model.param_names()``) is the start as it is.
-        What a partial dict leaves out is estimated, as scikit-learn does, from k-means++
-        responsibilities, so a partial start never leaves components identical.
-        """
-        model = self.model
-        model.build_for(x)
-        given = dict(self.init) if isinstance(self.init, dict) else {}
-        if given:
-            model.set_params(**given)  # every given value checked before any work
-        self._init_complete = bool(given) and set(model.param_names()) <= set(given)
-        if self._init_complete:
-            return
-        method = self.init if isinstance(self.init, str) else "kmeans++"
-        if x.shape[0] < model.n_components:
-            raise ValueError(
-                f"the init dict leaves out {sorted(set(model.param_names()) - set(given))}, "
-                f"which are estimated from the data, and x has {x.shape[0]} rows for "
-                f"{model.n_components} components; give every parameter in init or more rows."
-            )
-        resp = initial_responsibilities(x, model.n_components, method, rng, w)
-        if self._closed_form():
-            self._closed_form_m_step(x, w, resp)
-        else:
-            log_resp = resp.clamp_min(torch.finfo(x.dtype).tiny).log()
-            self.guide.fix(log_resp, x, w)
-            gradient_m_step(model, self.guide, x, w, max_iter=self.gradient_max_iter)
-            self._check_finite(restore=False)
-        if given:
-            model.set_params(**given)
-
-    def _closed_form_m_step(self, x, w, resp) -> None:
-        """EM-MIX.3 for the components, then EM-MIX.2 for the weights, from the data in memory.
-
-        Sums taken about a shift (Gaussian) are taken twice: about the current means, then
-        about the means the first update found, so the start keeps every digit too.
-        """
-        statistics = lookup_statistics(type(self.model))
-        if w is not None:
-            resp = resp * w.unsqueeze(-1)
-        for _ in range(2 if statistics.fixed else 1):
-            self.m_step_from(statistics, statistics.collect(self.model, x, resp), x.shape[0])
-
-    def m_step_from(self, statistics: SufficientStatistics, stats: dict, rows: float) -> None:
-        """The closed-form M-step from summed statistics (EM-MIX.2/3).
-
-        The sums are first put per unit of mean weight: times ``rows`` / (total weight),
-        with ``rows`` the number of data points they sum over. With sample weights of any
-        scale c the update is then that of the unweighted sums, and ``reg_covar``'s
-        pseudo-counts (Bernoulli, categorical) count samples of mean weight.
-        """
-        weight = float(stats["nk"].sum())
-        if weight > 0 and rows != weight:
-            stats = statistics.scaled(stats, rows / weight)
-        nk = stats["nk"]
-        nk = nk + 10 * torch.finfo(nk.dtype).eps  # keeps an empty component finite
-        statistics.m_step(self.model, stats, nk, self.reg_covar)
-        self.model.assign("weights", weights_m_step(nk))
+        """Build the parameters and set the family's start (``init``) on data ``x``."""
+        self.family.start(self, Chunk(x, w), rng)
 
     def _check_finite(self, restore: bool = True) -> None:
         if all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
@@ -507,3 +496,7 @@ def _is_floating(values) -> bool:
     if isinstance(dtype, torch.dtype):
         return dtype.is_floating_point
     return np.issubdtype(np.asarray(values).dtype if dtype is None else dtype, np.floating)
+
+
+#: the name this class had when it fitted mixtures only
+MixtureFitter = Fitter

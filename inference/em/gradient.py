@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from pyro.infer import TraceEnum_ELBO
 
+from ...models.base import MixtureModel
+from .family import Chunk, EChunk, Family, Stats
+
 
 def elbo_loss(
     model, guide, x, sample_weight=None, max_plate_nesting: int = 1, **plate
@@ -87,3 +90,67 @@ def gradient_m_step(
                 p.copy_(p0)
             after = before
     return -after
+
+
+# ---------------------------------------------------------------------------- the family
+class GradientFamily(Family):
+    """Generalised EM for any model with an exact guide: the M-step maximises Pyro's ELBO
+    with the guide frozen (:func:`gradient_m_step`), so a family needs no code of its own.
+
+    The "statistics" are the data themselves (one chunk in memory) and the entropy of the
+    frozen q; Q(theta~, theta) = LB(q~, theta) - H(q~) is Pyro's ELBO less that entropy.
+    """
+
+    additive = False
+    kind = "gradient"
+
+    def start(self, em, chunk: Chunk, rng) -> None:
+        """Mixtures: the parameters that maximise the bound for initial responsibilities
+        (``em.init``), by one gradient M-step; other programs start where they are."""
+        from .mixture import start_responsibilities  # (mixture imports this module's loss)
+
+        if not isinstance(em.model, MixtureModel):
+            return
+        resp = start_responsibilities(em, chunk, rng)
+        if resp is None:
+            return
+        log_resp = resp.clamp_min(torch.finfo(chunk.x.dtype).tiny).log()
+        em.guide.fix(log_resp, chunk.x, chunk.w)
+        gradient_m_step(em.model, em.guide, chunk.x, chunk.w, max_iter=em.gradient_max_iter)
+        em._check_finite(restore=False)
+        if isinstance(em.init, dict):
+            em.model.set_params(**em.init)
+
+    def e_step(self, em, chunk: Chunk, **plate) -> EChunk:
+        """Refresh the guide on the chunk; keep it with the entropy of q."""
+        from .mixture import responsibilities
+
+        log_px, log_resp = responsibilities(em.guide, chunk.x, chunk.w, **plate)
+        q = log_resp.exp()
+        wq = q if chunk.w is None else q * chunk.w.unsqueeze(-1)
+        entropy = -float(torch.where(q > 0, wq * log_resp, 0.0).sum())
+        w = chunk.w
+        stats = {"x": chunk.x, "entropy": torch.tensor(entropy, dtype=torch.float64)}
+        stats |= {} if w is None else {"w": w}
+        log_lik = float(log_px.sum() if w is None else (log_px * w).sum())
+        return EChunk(stats, log_lik, entropy, chunk.weight, chunk.rows)
+
+    def m_step(self, em, stats: Stats, rows: float) -> None:
+        gradient_m_step(
+            em.model, em.guide, stats["x"], stats.get("w"), max_iter=em.gradient_max_iter
+        )
+
+    def expected_log_joint(self, em, stats: Stats) -> float:
+        """Q(theta~, theta) = -(Pyro's ELBO loss with the frozen guide) - H(q~)."""
+        loss = elbo_loss(em.model, em.guide, stats["x"], stats.get("w"))
+        return -float(loss.detach()) - float(stats["entropy"])
+
+    def total_weight(self, stats: Stats) -> float:
+        w = stats.get("w")
+        return float(stats["x"].shape[0] if w is None else w.sum())
+
+    def combine(self, a, b, alpha=1.0, beta=1.0):
+        raise ValueError(
+            "the gradient M-step needs the data in memory as one tensor; pass it so, or "
+            "register sufficient statistics for the family (register_statistics)."
+        )

@@ -1,19 +1,28 @@
-"""EM and the closed-form maximum likelihood for PPCA and factor analysis (LG-EM, LG-ML).
+"""PPCA and factor analysis in the one EM loop (LG-EM), and their closed-form maximum (LG-ML).
 
 EM is the same two steps as for the mixtures (EM-1), with the exact Gaussian posterior as
 the guide:
 
-1. E-step -- ``guide.refresh()``: q_d(z) = N(m_d, S) = p(z | x_d; theta) (LG-POST), so the
-   bound touches log p(x) (EM-TIGHT).
+1. E-step -- q_d(z) = N(m_d, S) = p(z | x_d; theta~) (LG-POST), so the bound touches
+   log p(x) (EM-TIGHT).
 2. M-step -- maximise E_q[log p(x, z; theta)] over theta = (W, mu, Psi). With
-   z~ = (z, 1) and W~ = [W, mu] (D, k + 1) the expected complete-data log-likelihood is a
-   weighted least-squares problem (Tipping & Bishop 1999; Bishop PRML 12.54-12.57, 12.69-12.70):
+   z~ = (z, 1) and W~ = [W, mu - c] (D, k + 1), c any fixed centre, the expected
+   complete-data log-likelihood is a weighted least-squares problem (Tipping & Bishop 1999;
+   Bishop PRML 12.54-12.57, 12.69-12.70):
 
-       W~   := (sum_d x_d E[z~_d]^T) (sum_d E[z~_d z~_d^T])^-1                        (LG-EM.W)
-       Psi  := diag( (1/N) sum_d (x_d x_d^T - W~ E[z~_d] x_d^T) )     (factor analysis)
-       sigma^2 := (1/(N D)) tr( sum_d (x_d x_d^T - W~ E[z~_d] x_d^T) )  (PPCA)      (LG-EM.PSI)
+       W~   := (sum_d (x_d - c) E[z~_d]^T) (sum_d E[z~_d z~_d^T])^-1                  (LG-EM.W)
+       Psi  := diag( (1/N) sum_d ((x_d - c)^2 - W~ E[z~_d] (x_d - c)^T) )  (factor analysis)
+       sigma^2 := the mean of that diagonal                                (PPCA) (LG-EM.PSI)
 
    with E[z~] = (m, 1) and E[z~ z~^T] = [[S + m m^T, m], [m^T, 1]].
+
+m_d is affine in x_d (LG-POST), so every sum over the data in both steps depends on x
+only through n, its sum and its scatter: the family summarises the data once (sums about a
+fixed shift, which add up over chunks and ranks), and each E-step turns that summary into
+ezz = sum_d E[z~ z~^T], xez = sum_d (x_d - c) E[z~_d]^T and sxx = sum_d (x_d - c)^2, from
+which the M-step, Q and the bound follow. So PPCA and factor analysis take chunks, sample
+weights, several processes and minibatches (stochastic EM) through the same loop as the
+mixtures.
 
 For PPCA the maximum is also known in closed form (Tipping & Bishop 1999, eq. 7-8): with
 the eigen-decomposition of the sample covariance, eigenvalues l_1 >= ... >= l_D,
@@ -21,38 +30,101 @@ the eigen-decomposition of the sample covariance, eigenvalues l_1 >= ... >= l_D,
        sigma^2 = mean(l_{k+1}, ..., l_D),   W = U_k (L_k - sigma^2 I)^{1/2} R         (LG-ML)
 
 for any rotation R (here R = I), and mu = the sample mean.
-
-m_d is affine in x_d, so every sum over the data in both steps is a function of n, the
-mean and the scatter of the data (:mod:`.gaussian_moments`): :class:`LinearGaussianEM`
-reads the data once, in memory or in chunks, and iterates on those alone.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-import warnings
-from collections.abc import Callable
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from tqdm.auto import tqdm
 
-from ...guides.exact_gaussian import ExactGaussianPosterior
-from ...models.base import check_positive_int
 from ...models.linear_gaussian import PPCA, LinearGaussian
-from .data import DEFAULT_CHUNK_SIZE, chunked_source, is_chunked
-from .fitter import EMResult, check_fit_options, check_seed
-from .gaussian_moments import (
-    Moments,
-    bound_sum,
-    log_likelihood_sum,
-    m_step_sums,
-)
-from .loop import EM
+from .family import Chunk, EChunk, Family, Stats, register_family
+from .mixture import GaussianStatistics
 
-INIT_METHODS = ("random",)
+
+@dataclass
+class Moments:
+    """``n``, ``mean`` (D,) and ``scatter`` (D, D) = sum_d (x_d - mean)(x_d - mean)^T."""
+
+    n: float
+    mean: torch.Tensor
+    scatter: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> Moments:
+        """The moments of one chunk ``x`` (n, D)."""
+        mean = x.mean(0)
+        centred = x - mean
+        return cls(float(x.shape[0]), mean, centred.T @ centred)
+
+    def combine(self, other: Moments) -> Moments:
+        """The moments of both chunks together (Chan, Golub & LeVeque's pairwise update)."""
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        scatter = self.scatter + other.scatter + torch.outer(delta, delta) * (self.n * other.n / n)
+        return Moments(n, mean, scatter)
+
+    def about(self, centre: torch.Tensor) -> torch.Tensor:
+        """sum_d (x_d - c)(x_d - c)^T = S + n (xbar - c)(xbar - c)^T, (D, D)."""
+        offset = self.mean - centre
+        return self.scatter + self.n * torch.outer(offset, offset)
+
+
+def m_step_sums(
+    mom: Moments, A: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ezz, xez)`` of LG-EM from the moments, for q_d = N(A (x_d - mu), cov).
+
+    ezz = sum_d E[z~ z~^T] (k + 1, k + 1) and xez = sum_d (x_d - xbar) E[z~_d]^T (D, k + 1),
+    with z~ = (z, 1); the second column block of xez is 0 since sum_d (x_d - xbar) = 0.
+    """
+    n, k = mom.n, A.shape[0]
+    mbar = A @ (mom.mean - mu)  # (1/n) sum_d m_d, (k,)
+    smm = A @ mom.scatter @ A.T + n * torch.outer(mbar, mbar)  # sum_d m_d m_d^T
+    ezz = torch.empty(k + 1, k + 1, dtype=A.dtype)
+    ezz[:k, :k] = smm + n * cov  # + sum_d Cov[z_d]
+    ezz[:k, k] = ezz[k, :k] = n * mbar
+    ezz[k, k] = n
+    xez = torch.cat([mom.scatter @ A.T, A.new_zeros(A.shape[1], 1)], dim=1)  # S A^T | 0
+    return ezz, xez
+
+
+def log_likelihood_sum(model: LinearGaussian, mom: Moments) -> float:
+    """sum_d log N(x_d; mu, W W^T + Psi) (LG-MARG) from the moments."""
+    weight, psi = model.weight, model.noise_variances()
+    C = weight @ weight.T + torch.diag(psi)
+    L = torch.linalg.cholesky(C)
+    quad = torch.cholesky_solve(mom.about(model.mean), L).diagonal().sum()  # tr(C^-1 M2)
+    log_det = 2 * L.diagonal().log().sum()
+    D = C.shape[0]
+    return float(-0.5 * (mom.n * (D * math.log(2 * math.pi) + log_det) + quad))
+
+
+def bound_sum(
+    model: LinearGaussian, mom: Moments, A: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor
+) -> float:
+    """sum_d LB(q_d, theta) (LB-DEF, as ``gaussian_bound``) for q_d = N(A (x_d - mu), cov).
+
+    The residual x_d - mu_theta - W m_d = B (x_d - xbar) + rbar with B = I - W A, so its
+    squares sum to diag(B S B^T) + n rbar^2.
+    """
+    weight, mean, psi = model.weight, model.mean, model.noise_variances()
+    n, k = mom.n, A.shape[0]
+    B = torch.eye(weight.shape[0], dtype=weight.dtype) - weight @ A
+    mbar = A @ (mom.mean - mu)
+    rbar = mom.mean - mean - weight @ mbar
+    resid_sq = (B @ mom.scatter * B).sum(1) + n * rbar.square()  # sum_d resid_d^2, (D,)
+    spread = ((weight @ cov) * weight).sum(-1)  # diag(W S_z W^T)
+    expected = -0.5 * (
+        n * torch.log(2 * math.pi * psi).sum() + ((resid_sq + n * spread) / psi).sum()
+    )
+    sum_mm = (A @ mom.scatter * A).sum() + n * mbar.square().sum()  # sum_d m_d^T m_d
+    kl = 0.5 * (n * cov.diagonal().sum() + sum_mm - n * k - n * torch.logdet(cov))
+    return float(expected - kl)
 
 
 @torch.no_grad()
@@ -88,7 +160,7 @@ def m_step_from_sums(
 ) -> None:
     """LG-EM.W and LG-EM.PSI from the sums: ``sxx`` = sum_d (x_d - c)^2 (D,), ``ezz`` =
     sum_d E[z~ z~^T] (k + 1, k + 1), ``xez`` = sum_d (x_d - c) E[z~_d]^T (D, k + 1), with c
-    = ``centre``, the data mean."""
+    = ``centre`` any fixed point (the data mean keeps the most digits)."""
     k = ezz.shape[0] - 1
     w_tilde = torch.linalg.solve(ezz, xez.T).T  # (LG-EM.W); ezz is symmetric
     # diag (1/N) sum_d (x x^T - W~ E[z~] x^T)                                 (LG-EM.PSI)
@@ -97,6 +169,155 @@ def m_step_from_sums(
     model.mean.copy_(centre + w_tilde[:, k])
     noise = psi.mean() if isinstance(model, PPCA) else psi  # PPCA: sigma^2 = tr / (N D)
     model.set_noise(noise.clamp_min(floor))
+
+
+# ---------------------------------------------------------------------------- the family
+def summary_of(x: torch.Tensor, w: torch.Tensor | None, shift: torch.Tensor) -> Stats:
+    """n, sum_d w_d (x_d - c) and sum_d w_d (x_d - c)(x_d - c)^T about the shift c (D,),
+    in the Gaussian mixture's layout with one component (so sums recentre exactly)."""
+    diff = x - shift
+    wdiff = diff if w is None else diff * w.unsqueeze(-1)
+    n = torch.tensor([float(x.shape[0] if w is None else w.sum())], dtype=x.dtype)
+    return {
+        "nk": n,
+        "shift": shift.unsqueeze(0),
+        "s1": wdiff.sum(0, keepdim=True),
+        "s2": (wdiff.T @ diff).unsqueeze(0),
+    }
+
+
+def moments_of(summary: Stats) -> Moments:
+    """``Moments`` (n, mean, scatter about the mean) of a summary."""
+    n = float(summary["nk"][0])
+    offset = summary["s1"][0] / n
+    scatter = summary["s2"][0] - n * torch.outer(offset, offset)
+    return Moments(n, summary["shift"][0] + offset, scatter)
+
+
+@register_family(LinearGaussian)
+class LinearGaussianFamily(Family):
+    """PPCA and factor analysis: E-step sums ezz, xez, sxx about a centre c (LG-EM).
+
+    ``summarize`` reads each chunk once; ``e_step`` reads the summary at theta~. The
+    statistics add up (``combine`` moves xez and sxx to a common centre), so minibatches
+    and ranks average or sum them like any other family's.
+    """
+
+    fixed = ("centre",)
+    summarises = True
+
+    # ------------------------------------------------------------------ data
+    def summarize(self, em, chunk: Chunk, shift: torch.Tensor) -> Stats:
+        return summary_of(chunk.x, chunk.w, shift)
+
+    def combine_summaries(self, a: Stats, b: Stats) -> Stats:
+        return GaussianStatistics().combine(a, b)
+
+    def empty_summary(self, em) -> Stats:
+        D, dtype = em.model.data_dim, em.model.dtype
+        zero = torch.zeros(0, D, dtype=dtype)
+        return summary_of(zero, None, torch.zeros(D, dtype=dtype))
+
+    # ------------------------------------------------------------------ start
+    @torch.no_grad()
+    def start(self, em, chunk: Chunk, rng: np.random.Generator) -> None:
+        """The ``"random"`` start from the summary: W ~ N(0, s^2 / k) with s^2 the mean data
+        variance, mu the data mean, Psi the data variances; an ``init`` dict's entries in
+        place of these (a partial dict takes the rest from this start)."""
+        model, mom = em.model, moments_of(chunk.summary)
+        given = dict(em.init) if isinstance(em.init, dict) else {}
+        em._init_complete = set(model.param_names()) <= set(given)
+        variances = (mom.scatter.diagonal() / mom.n).clamp_min(max(em.reg_covar, 1e-12))
+        scale = float(variances.mean().sqrt()) / np.sqrt(model.latent_dim)
+        start = {"weight": None, "mean": mom.mean, "noise": variances}
+        if isinstance(model, PPCA):
+            start["noise"] = variances.mean()
+        if "weight" not in given:
+            start["weight"] = rng.normal(scale=scale, size=(model.data_dim, model.latent_dim))
+        model.set_params(**(start | given))
+
+    # ------------------------------------------------------------------ E-step
+    @torch.no_grad()
+    def e_step(self, em, chunk: Chunk, **_) -> EChunk:
+        """ezz, xez and sxx about the data mean for q_d = N(A (x_d - mu~), S) (LG-POST)."""
+        model = em.model
+        summary = (
+            chunk.summary
+            if chunk.summary is not None
+            else summary_of(chunk.x, chunk.w, chunk.x.mean(0))
+        )
+        mom = moments_of(summary)
+        em.guide.refresh()  # theta~ := theta
+        A, cov = model.posterior_map()
+        ezz, xez = m_step_sums(mom, A, model.mean, cov)
+        k = model.latent_dim
+        # H(q_d) = (k/2) log(2 pi e) + (1/2) log det S, the same for every datum
+        entropy = 0.5 * mom.n * (k * math.log(2 * math.pi * math.e) + float(torch.logdet(cov)))
+        stats = {"ezz": ezz, "xez": xez, "sxx": mom.scatter.diagonal().clone(), "centre": mom.mean}
+        return EChunk(stats, log_likelihood_sum(model, mom), entropy, mom.n, chunk.rows)
+
+    def empty_stats(self, em) -> Stats:
+        D, k, dtype = em.model.data_dim, em.model.latent_dim, em.model.dtype
+        return {
+            "ezz": torch.zeros(k + 1, k + 1, dtype=dtype),
+            "xez": torch.zeros(D, k + 1, dtype=dtype),
+            "sxx": torch.zeros(D, dtype=dtype),
+            "centre": torch.zeros(D, dtype=dtype),
+        }
+
+    def total_weight(self, stats: Stats) -> float:
+        return float(stats["ezz"][-1, -1])  # sum_d w_d E[z~_k z~_k] = sum_d w_d
+
+    def combine(self, a: Stats, b: Stats, alpha: float = 1.0, beta: float = 1.0) -> Stats:
+        b = self.recentre(b, a["centre"])
+        return {k: a[k] if k == "centre" else alpha * a[k] + beta * b[k] for k in a}
+
+    @staticmethod
+    def recentre(stats: Stats, centre: torch.Tensor) -> Stats:
+        """The same sums about another centre (exact: x - c' = (x - c) + (c - c'))."""
+        if torch.equal(stats["centre"], centre):
+            return stats
+        delta = stats["centre"] - centre
+        ezz, xez = stats["ezz"], stats["xez"]
+        sum_x = xez[:, -1]  # sum_d w_d (x_d - c): the column of z~'s constant 1
+        n = ezz[-1, -1]
+        return {
+            "ezz": ezz,
+            "xez": xez + torch.outer(delta, ezz[-1]),
+            "sxx": stats["sxx"] + 2 * delta * sum_x + n * delta.square(),
+            "centre": centre.clone(),
+        }
+
+    # ------------------------------------------------------------------ M-step
+    def m_step(self, em, stats: Stats, rows: float) -> None:
+        """LG-EM.W and LG-EM.PSI from the sums; noise variances floored at ``reg_covar``."""
+        m_step_from_sums(
+            em.model,
+            self.total_weight(stats),
+            stats["centre"],
+            stats["sxx"],
+            stats["ezz"],
+            stats["xez"],
+            em.reg_covar,
+        )
+
+    @torch.no_grad()
+    def expected_log_joint(self, em, stats: Stats) -> float:
+        """Q(theta~, theta) = sum_d E_q[log p(x_d | z_d) + log p(z_d)] from the sums:
+
+            E (x - c - W~ z~)_j^2 summed = sxx_j - 2 (W~ xez^T)_jj + (W~ ezz W~^T)_jj,
+            E z^T z summed = tr(ezz[:k, :k]),
+
+        with W~ = [W, mu - c] (LG-EM), Psi = diag(psi)."""
+        model = em.model
+        ezz, xez, sxx, centre = stats["ezz"], stats["xez"], stats["sxx"], stats["centre"]
+        n, k = ezz[-1, -1], model.latent_dim
+        w_tilde = torch.cat([model.weight, (model.mean - centre).unsqueeze(1)], dim=1)
+        psi = model.noise_variances()
+        resid = sxx - 2 * (w_tilde * xez).sum(1) + ((w_tilde @ ezz) * w_tilde).sum(1)
+        log_px_z = -0.5 * (n * torch.log(2 * math.pi * psi).sum() + (resid / psi).sum())
+        log_pz = -0.5 * (n * k * math.log(2 * math.pi) + ezz[:k, :k].diagonal().sum())
+        return float(log_px_z + log_pz)
 
 
 @torch.no_grad()
@@ -118,211 +339,3 @@ def ppca_closed_form(model: PPCA, x) -> PPCA:
     weight = eigenvectors[:, :k] * (eigenvalues[:k] - sigma2).clamp_min(0).sqrt()
     model.set_params(weight=weight, mean=centre, noise=sigma2)
     return model
-
-
-class LinearGaussianEM(EM):
-    """EM for a linear-Gaussian model with :class:`ExactGaussianPosterior`.
-
-    ``EM(model, ExactGaussianPosterior(model), ...)`` builds one of these. Options as for
-    the mixtures: ``tol`` (on the change of the mean per-sample bound), ``max_iter``,
-    ``init`` (``"random"``: W ~ N(0, s^2 / k) with s^2 the mean data variance, mu the
-    sample mean, Psi the data variances; or a dict ``{"weight", "mean", "noise"}``),
-    ``n_init`` (the best final bound is kept), ``reg_covar`` (a floor on the noise
-    variances), ``seed``, ``warm_start``, ``progress``, ``callback(iteration, model)``.
-    The M-step is always the closed form (LG-EM).
-    """
-
-    scheme = "EM"
-
-    def __init__(
-        self,
-        model: LinearGaussian,
-        guide: ExactGaussianPosterior,
-        *,
-        m_step: str = "auto",
-        tol: float = 1e-3,
-        max_iter: int = 100,
-        n_init: int = 1,
-        init: str | dict = "random",
-        reg_covar: float = 1e-6,
-        seed: int | None = None,
-        warm_start: bool = False,
-        gradient_max_iter: int = 20,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        stochastic: bool = False,
-        batch_size: int = 1024,
-        step_size: float | Callable[[int], float] = 0.6,
-        learning_rate: float = 0.01,
-        distributed: bool = False,
-        progress: bool = True,
-        callback: Callable[[int, LinearGaussian], None] | None = None,
-    ) -> None:
-        if stochastic:
-            raise ValueError(
-                "stochastic EM is not needed for PPCA and factor analysis: their EM reads the "
-                "data once, to n, the mean and the scatter, and iterates on those; pass "
-                "stochastic=False (chunks of data, a DataLoader or a .npy path work as they are)"
-            )
-        if distributed:
-            raise ValueError(
-                "distributed=True is not available for PPCA and factor analysis; fit on one "
-                "process (data in chunks, a DataLoader or a .npy path keep memory bounded)"
-            )
-        if not isinstance(guide, ExactGaussianPosterior) or guide.model is not model:
-            raise ValueError("guide must be ExactGaussianPosterior(model) for this same model")
-        if m_step == "gradient":
-            raise ValueError(
-                "linear-Gaussian models use the closed-form M-step (LG-EM); pass "
-                "m_step='auto' or 'closed-form'"
-            )
-        if m_step not in ("auto", "closed-form"):
-            raise ValueError(f"m_step must be 'auto' or 'closed-form', got {m_step!r}")
-        if init == "kmeans++":  # EM's default for the mixtures
-            init = "random"
-        if not isinstance(init, dict) and not (isinstance(init, str) and init in INIT_METHODS):
-            raise ValueError(f"init must be one of {INIT_METHODS} or a dict, got {init!r}")
-        check_fit_options(tol=tol, max_iter=max_iter, n_init=n_init, reg_covar=reg_covar)
-        self.model, self.guide, self.m_step = model, guide, "closed-form"
-        self.tol, self.max_iter, self.n_init = float(tol), max_iter, n_init
-        self.init, self.reg_covar, self.seed = init, float(reg_covar), check_seed(seed)
-        self.warm_start, self.progress, self.callback = warm_start, progress, callback
-        self.gradient_max_iter = gradient_max_iter
-        self.chunk_size = check_positive_int("chunk_size", chunk_size, "rows read at a time")
-        if isinstance(init, dict):  # every given value checked now, on a copy
-            unknown = sorted(set(init) - set(model.param_names()))
-            if unknown:
-                raise ValueError(
-                    f"unknown init entr{'y' if len(unknown) == 1 else 'ies'} {unknown} for "
-                    f"{type(model).__name__}; use {', '.join(model.param_names())}"
-                )
-            copy.deepcopy(model).set_params(**init)
-        self.result_: EMResult | None = None
-
-    def fit(self, x, sample_weight=None) -> EMResult:
-        """Fit to ``x`` (N, D), or to chunks of it (a list of 2-D chunks, a ``DataLoader``,
-        a ``.npy`` path); returns an :class:`EMResult` (also ``result_``).
-
-        One pass reduces the data to n, their mean and scatter (:mod:`.gaussian_moments`);
-        the EM iterations then read only those, so chunked and in-memory data give the same
-        fit (to rounding).
-        """
-        if sample_weight is not None:
-            raise ValueError(
-                "sample_weight is not supported for linear-Gaussian models; "
-                "repeat or subsample rows instead"
-            )
-        start = time.perf_counter()
-        model = self.model
-        x, mom = self._moments(x, reset=not self.warm_start)
-        rng = np.random.default_rng(self.seed)
-        n_init = 1 if self.warm_start or isinstance(self.init, dict) else self.n_init
-        best, best_state, finals = None, None, []
-        for i in range(n_init):
-            if not self.warm_start:
-                self._start(mom, rng)
-            result = self._run(mom, f"{self.scheme} {i + 1}/{n_init}" if n_init > 1 else "EM")
-            finals.append(result.lower_bound)
-            if best is None or result.lower_bound > best.lower_bound:
-                best, best_state = result, {k: v.clone() for k, v in model.state_dict().items()}
-                best.best_init = i
-        model.load_state_dict(best_state)
-        self.guide.refresh(x)  # the posterior of the data in memory (None: theta~ only)
-        best.init_lower_bounds, best.fit_time = finals, time.perf_counter() - start
-        if not best.converged:
-            warnings.warn(
-                f"EM did not converge in max_iter={self.max_iter} iterations (last change "
-                f"above tol={self.tol:g}); raise max_iter or tol.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        self.result_ = best
-        return best
-
-    @torch.no_grad()
-    def _moments(self, x, reset: bool) -> tuple[torch.Tensor | None, Moments]:
-        """``(x or None, Moments)``: data in memory, or one pass over chunks (checked)."""
-        model = self.model
-        if not is_chunked(x):
-            x = model.validate_data(x, reset=reset)
-            return x, Moments.of(x)
-        source = chunked_source(x, self.chunk_size)
-        if not source.reiterable:
-            raise ValueError(
-                "EM reads the data once here, but a generator cannot be checked and fitted "
-                "again; pass a list of chunks, a DataLoader or a .npy path."
-            )
-        mom, row = None, 0
-        for i, (xc, wc) in enumerate(source.chunks()):
-            try:
-                if wc is not None:
-                    raise ValueError(
-                        "sample_weight is not supported for linear-Gaussian models; give "
-                        "chunks of x alone"
-                    )
-                xc = model.validate_data(xc, reset=reset and i == 0)
-            except ValueError as error:
-                raise ValueError(f"chunk {i} (from row {row}): {error}") from None
-            mom = Moments.of(xc) if mom is None else mom.combine(Moments.of(xc))
-            row += xc.shape[0]
-        if mom is None:
-            raise ValueError("the data have no chunks; pass at least one non-empty chunk.")
-        return None, mom
-
-    @torch.no_grad()
-    def _start(self, mom: Moments, rng: np.random.Generator) -> None:
-        """The ``"random"`` start, with the entries of an ``init`` dict in place of its own.
-
-        A partial dict (say ``{"weight": W}``) takes the rest from the ``"random"`` start,
-        so nothing is left at the values the model was built with.
-        """
-        model = self.model
-        given = dict(self.init) if isinstance(self.init, dict) else {}  # checked in __init__
-        variances = (mom.scatter.diagonal() / mom.n).clamp_min(max(self.reg_covar, 1e-12))
-        scale = float(variances.mean().sqrt()) / np.sqrt(model.latent_dim)
-        start = {"weight": None, "mean": mom.mean, "noise": variances}
-        if isinstance(model, PPCA):
-            start["noise"] = variances.mean()
-        if "weight" not in given:
-            start["weight"] = rng.normal(scale=scale, size=(model.data_dim, model.latent_dim))
-        model.set_params(**(start | given))
-
-    @torch.no_grad()
-    def _run(self, mom: Moments, desc: str) -> EMResult:
-        """EM iterations from the model's current parameters, on the moments of the data."""
-        model, guide, n = self.model, self.guide, mom.n
-        if self.callback is not None:
-            self.callback(0, model)
-        guide.refresh()  # E-step (EM-1 step 1): theta~ := theta
-        A, cov = model.posterior_map()  # q_d = N(A (x_d - mu~), S_z)
-        mu = model.mean.clone()
-        lls, lbs = [log_likelihood_sum(model, mom) / n], []
-        previous, converged, it = lls[0], False, 0  # after an E-step, bound = ll (EM-TIGHT)
-        bar = tqdm(
-            total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False
-        )
-        sxx = mom.scatter.diagonal()
-        for it in range(1, self.max_iter + 1):
-            ezz, xez = m_step_sums(mom, A, mu, cov)
-            m_step_from_sums(model, n, mom.mean, sxx, ezz, xez, self.reg_covar)  # theta_{t+1}
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                model.load_state_dict(guide.twin.state_dict())
-                raise ValueError(
-                    "EM produced non-finite parameters; the last finite ones were kept. "
-                    "Scale the data or raise reg_covar."
-                )
-            bound = bound_sum(model, mom, A, mu, cov) / n  # LB(q_t, theta_{t+1})
-            guide.refresh()  # E-step: q_{t+1}
-            A, cov = model.posterior_map()
-            mu = model.mean.clone()
-            lls.append(log_likelihood_sum(model, mom) / n)
-            lbs.append(bound)
-            if self.callback is not None:
-                self.callback(it, model)
-            bar.update(1)
-            bar.set_postfix(bound=f"{bound:.6g}", refresh=False)
-            if abs(bound - previous) < self.tol:
-                converged = True
-                break
-            previous = bound
-        bar.close()
-        return EMResult(lls, lbs, converged, it, "closed-form")

@@ -2,12 +2,17 @@
 
 One iteration:
 
-1. E-step -- ``guide.refresh(x)``: q_d(z) := p(z | x_d; theta), theta~ := theta.
-   The bound now touches the log-likelihood (EM-TIGHT). With a closed form, the pass
-   reduces the data to additive sums (:mod:`.statistics`), chunk by chunk.
-2. M-step -- theta := argmax_theta sum_d LB_d(q_d, theta), either in closed form from
-   those sums (EM-MIX.2/3) or by maximising Pyro's ELBO with the guide frozen.
+1. E-step -- the guide is refreshed, q_d(z) := p(z | x_d; theta), theta~ := theta, and
+   the pass reduces the data to additive sums of expected sufficient statistics, chunk
+   by chunk (the model's family, :mod:`.family`). The bound now touches the
+   log-likelihood (EM-TIGHT).
+2. M-step -- theta := argmax_theta sum_d LB_d(q_d, theta), in closed form from those sums
+   (EM-MIX.2/3, LG-EM, HMM-M) or, for a model without one, by maximising Pyro's ELBO with
+   the guide frozen.
 3. Stop when the per-sample bound changes by less than ``tol``.
+
+The loop knows no family: mixtures, PPCA and factor analysis, and hidden Markov models
+all run through it, and so does a model with only a gradient M-step.
 
 By BASIC and EM-TIGHT the log-likelihood never decreases (EM-MONO):
 ``log_likelihoods[t] <= lower_bounds[t] <= log_likelihoods[t + 1]``.
@@ -25,7 +30,6 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,32 +38,11 @@ from tqdm.auto import tqdm
 from ...guides import ExactPosterior
 from ...models.base import MixtureModel, check_positive_int
 from .data import DEFAULT_CHUNK_SIZE, DataSource
-from .fitter import EMResult, MixtureFitter, real_number
-from .gradient import elbo_loss, gradient_m_step
-from .registry import lookup_m_step
-from .statistics import lookup_statistics
+from .family import Chunk, EChunk
+from .fitter import EMResult, Fitter, real_number
+from .gradient import elbo_loss
 
 M_STEPS = ("auto", "closed-form", "gradient")
-#: (rows, K) entries per E-step block (2 MiB in float64). Temporaries of this size come back
-#: from the allocator already mapped; a whole (N, K) table per pass is mapped afresh each
-#: time, which costs more than the arithmetic (bench/bench_em_libraries.py, faults column).
-E_BLOCK_ELEMENTS = 1 << 18
-
-
-@dataclass
-class EPass:
-    """What one E-step pass over all the data returns (sums, so chunks and ranks add up).
-
-    ``stats``: the family's sums (None with a gradient M-step); ``log_lik``:
-    sum_d w_d log p(x_d); ``neg_entropy``: sum_d w_d sum_k r_dk log r_dk; ``weight``:
-    sum_d w_d; ``rows``: number of data points.
-    """
-
-    stats: dict | None
-    log_lik: float
-    neg_entropy: float
-    weight: float
-    rows: int
 
 
 def check_step_size(step_size) -> Callable[[int], float]:
@@ -77,20 +60,20 @@ def check_step_size(step_size) -> Callable[[int], float]:
     return lambda t: t**-kappa
 
 
-class EM(MixtureFitter):
-    """Expectation-maximisation for a model with discrete latent sites.
+class EM(Fitter):
+    """Expectation-maximisation for a model whose posterior is exact.
 
     Parameters
     ----------
     model:
-        A :class:`~elbolab.models.MixtureModel` (or a linear-Gaussian model: ``PPCA``,
-        ``FactorAnalysis``, with ``ExactGaussianPosterior(model)``: see
-        :class:`~elbolab.inference.linear_gaussian.LinearGaussianEM`).
+        A :class:`~elbolab.models.MixtureModel`, a linear-Gaussian model (``PPCA``,
+        ``FactorAnalysis``), or a hidden Markov model.
     guide:
-        ``ExactPosterior(model)``.
+        Its exact posterior: ``ExactPosterior(model)`` for discrete latents,
+        ``ExactGaussianPosterior(model)`` for PPCA and factor analysis.
     m_step:
-        ``"auto"`` (closed form where one is registered for the model's family, gradient
-        otherwise), ``"closed-form"`` or ``"gradient"``.
+        ``"auto"`` (closed form where the model's family has one, gradient otherwise),
+        ``"closed-form"`` or ``"gradient"``.
     tol:
         Stop when the mean per-sample bound changes by less than ``tol`` (stochastic EM:
         when the average of log p(x_d) over a pass does).
@@ -125,23 +108,31 @@ class EM(MixtureFitter):
         result is that of one process on all the data. The start is computed on rank 0's
         first chunk and broadcast. See :mod:`elbolab.inference.distributed`.
 
-    ``n_init``, ``init``, ``reg_covar``, ``seed``, ``warm_start``, ``progress`` and
-    ``callback`` are described in :class:`~elbolab.inference.fitting.MixtureFitter`.
+    n_init:
+        Number of starts; the one with the highest final bound is kept.
+    init:
+        Mixtures: ``"kmeans++"`` (default), ``"kmeans"``, ``"random_from_data"``,
+        ``"random"``; PPCA and factor analysis: ``"random"``; or a dict of parameters
+        (``model.param_names()``), a partial one completed from the default start.
+    reg_covar:
+        Regulariser of the closed-form M-step, in the data's units: added to covariance
+        diagonals (Gaussian), a pseudo-count per sample (Bernoulli, categorical), added to
+        rates (Poisson), a floor on noise variances (PPCA, FA). 0: the plain update.
+    seed:
+        Seed of the starts (and of stochastic EM's minibatches): a seed fixes a run.
+    warm_start:
+        Start from the model's current parameters if it already has some.
+    progress:
+        Show a progress bar (it appears only for fits longer than a second).
+    callback:
+        ``callback(iteration, model)`` after the start (0) and each iteration.
+
     ``fit`` takes a tensor or array (N, D), a list of chunks, a ``DataLoader`` or a ``.npy``
-    path (:mod:`elbolab.inference.chunks`); the start is computed on the first chunk.
+    path (:mod:`elbolab.inference.em.data`); the start is computed on the first chunk.
     """
 
     scheme = "EM"
     reads_chunks = True
-
-    def __new__(cls, model=None, guide=None, *args, **kwargs):
-        # A Gaussian latent has its own E- and M-steps (LG-EM): EM(model, guide) picks them.
-        from ...guides.exact_gaussian import ExactGaussianPosterior
-        from .linear_gaussian import LinearGaussianEM
-
-        if cls is EM and isinstance(guide, ExactGaussianPosterior):
-            cls = LinearGaussianEM
-        return super().__new__(cls)
 
     def __init__(
         self,
@@ -168,12 +159,6 @@ class EM(MixtureFitter):
     ) -> None:
         if m_step not in M_STEPS:
             raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}")
-        if m_step == "closed-form" and lookup_m_step(type(model)) is None:
-            raise ValueError(
-                f"no closed-form M-step is registered for {type(model).__name__}; "
-                "use m_step='gradient' or register one with "
-                "elbolab.inference.register_m_step"
-            )
         super().__init__(
             model,
             guide,
@@ -186,6 +171,7 @@ class EM(MixtureFitter):
             warm_start=warm_start,
             progress=progress,
             callback=callback,
+            m_step=m_step,
         )
         self.m_step = m_step
         self.gradient_max_iter = check_positive_int(
@@ -205,21 +191,14 @@ class EM(MixtureFitter):
                 "stochastic EM runs on one process; for several processes use exact EM "
                 "(distributed=True without stochastic), which reads each shard in chunks."
             )
-        if self.distributed:
-            statistics = lookup_statistics(type(model)) if self._closed_form() else None
-            if statistics is None or not statistics.additive:
-                raise ValueError(
-                    f"distributed EM needs additive sufficient statistics, and "
-                    f"{type(model).__name__} has none with m_step={m_step!r}; register them "
-                    "with elbolab.inference.register_statistics."
-                )
+        if self.distributed and not (self._closed_form() and self.family.additive):
+            raise ValueError(
+                f"distributed EM needs additive sufficient statistics, and "
+                f"{type(model).__name__} has none with m_step={m_step!r}; register them "
+                "with elbolab.inference.register_statistics."
+            )
         if self.scheme == "EM" and self.stochastic:
             self.scheme = "stochastic EM (approximate)"
-
-    def _closed_form(self) -> bool:
-        if self.m_step == "gradient":
-            return False
-        return lookup_statistics(type(self.model)) is not None
 
     def _after_last_run(self, x, w) -> None:
         """Nothing to do: the loop ends with an E-step at the final parameters."""
@@ -243,13 +222,22 @@ class EM(MixtureFitter):
             super()._check_samples(n)
 
     def _initialize_from(self, source: DataSource, rng) -> None:
+        """The start: on the first chunk, or from the summary of all the data for a family
+        that summarises; with several processes rank 0's, broadcast."""
+        if self.family.summarises:
+            self._first_chunk(source, reset=True)  # the data decide the dtype
+            summary = self._summary(source)
         if not self.distributed:
+            if self.family.summarises:
+                return self.family.start(self, summary, rng)
             return super()._initialize_from(source, rng)
         from .. import distributed as dist_ops
 
         error = None
         try:
-            if dist_ops.rank() == 0:
+            if self.family.summarises:
+                self.family.start(self, summary, rng)
+            elif dist_ops.rank() == 0:
                 super()._initialize_from(source, rng)
             else:  # parameters of the right shapes; their values come from rank 0
                 self.model.build_for(self._first_chunk(source, reset=True)[0])
@@ -259,7 +247,7 @@ class EM(MixtureFitter):
         with dist_ops.collective("broadcasting the start from rank 0"):
             dist_ops.broadcast_module(self.model, src=0)
 
-    def _reduce(self, e: EPass, error: BaseException | None, what: str) -> EPass:
+    def _reduce(self, e: EChunk, error: BaseException | None, what: str) -> EChunk:
         """Sum a pass over every rank (a no-op on one process)."""
         if not self.distributed:
             if error is not None:
@@ -268,76 +256,91 @@ class EM(MixtureFitter):
         from .. import distributed as dist_ops
 
         dist_ops.agree(error, what)
-        scalars = torch.tensor([e.log_lik, e.neg_entropy, e.weight, e.rows], dtype=torch.float64)
+        scalars = torch.tensor([e.log_lik, e.entropy, e.weight, e.rows], dtype=torch.float64)
         tensors = dict(e.stats) | {"_scalars": scalars}
-        fixed = lookup_statistics(type(self.model)).fixed
         with dist_ops.collective(what):
-            dist_ops.all_reduce_sum(tensors, skip=fixed)
-        ll, neg_entropy, weight, rows = tensors.pop("_scalars").tolist()
+            dist_ops.all_reduce_sum(tensors, skip=self.family.fixed)
+        log_lik, entropy, weight, rows = tensors.pop("_scalars").tolist()
         if rows == 0:
             raise ValueError("every shard is empty; pass data to at least one rank.")
-        return EPass(tensors, ll, neg_entropy, weight, int(rows))
+        return EChunk(tensors, log_lik, entropy, weight, int(rows))
 
     # ------------------------------------------------------------------ the E-step pass
-    def _e_step(self, x, w, **plate):
-        """E-step on one chunk: refresh the guide, return log p(x_d) (n,) and log r_dk (n, K).
-
-        ``plate``: ``total_size=N`` when ``x`` is a minibatch the model's plate subsamples.
-        """
-        self.guide.refresh(x, w, **plate)  # (EM-1 step 1)
-        log_joint = self.guide.joint(x, w, **plate).log_joint.transpose(-1, -2)  # (n, K)
-        log_px = log_joint.logsumexp(-1)  # log p(x_d)
-        log_resp = log_joint - log_px.unsqueeze(-1)  # log r_dk (EM-MIX.1)
-        return log_px, log_resp
-
-    def _e_pass(self, source: DataSource, what: str) -> EPass:
+    def _e_pass(self, source: DataSource, what: str) -> EChunk:
         """One E-step over every chunk, reduced to sums (and over every rank)."""
-        statistics = lookup_statistics(type(self.model)) if self._closed_form() else None
-        total = EPass(None, 0.0, 0.0, 0.0, 0)
-        error = None
-        # additive sums: each chunk in blocks of rows, so the (rows, K) temporaries of the
-        # E-step stay small and the allocator reuses them instead of mapping fresh memory
-        additive = statistics is not None and statistics.additive
-        block = max(1, E_BLOCK_ELEMENTS // self.model.n_components) if additive else None
+        family, total, error = self.family, None, None
         try:
-            for x, w in _row_blocks(self._chunks(source), block):
-                log_px, log_resp = self._e_step(x, w)
-                resp = log_resp.exp()
-                wresp = resp if w is None else resp * w.unsqueeze(-1)
-                total.log_lik += float(log_px.sum() if w is None else (log_px * w).sum())
-                total.neg_entropy += float(torch.where(resp > 0, wresp * log_resp, 0.0).sum())
-                total.weight += float(x.shape[0] if w is None else w.sum())
-                total.rows += x.shape[0]
-                if statistics is not None:
-                    stats = statistics.collect(self.model, x, wresp)
-                    total.stats = (
-                        stats if total.stats is None else statistics.combine(total.stats, stats)
-                    )
-            if total.rows == 0 and not self.distributed:
-                raise ValueError("the data have no rows; pass at least one non-empty chunk.")
-            if total.rows == 0:
+            for chunk in self._pass_chunks(source):
+                part = family.e_step(self, chunk)
+                total = part if total is None else family.add(total, part)
+            if total is None:
                 raise ValueError(
                     "this rank's shard is empty; give every rank at least one row "
                     "(fewer processes, or more data)."
+                    if self.distributed
+                    else "the data have no rows; pass at least one non-empty chunk."
                 )
         except ValueError as caught:
             error = caught
-        if total.stats is None and statistics is not None:
-            total.stats = statistics.collect(self.model, *self._empty_like())
+        if total is None:  # an empty shard still sends its zeros
+            total = EChunk(family.empty_stats(self), 0.0, 0.0, 0.0, 0)
         return self._reduce(total, error, what)
 
-    def _empty_like(self):
-        """A (0, D) chunk and (0, K) responsibilities (an empty shard still sends its zeros)."""
-        dtype, D = self.model.dtype, self.model.n_features_in_
-        return torch.zeros(0, D, dtype=dtype), torch.zeros(0, self.model.n_components, dtype=dtype)
+    def _pass_chunks(self, source: DataSource):
+        """The chunks an E-step pass reads: the data, or the family's summary of them."""
+        if self.family.summarises:
+            yield self._summary(source)
+            return
+        yield from self._chunks(source)
+
+    def _summary(self, source: DataSource) -> Chunk:
+        """The family's theta-free summary of all the data (and ranks), made once per fit.
+
+        Sums are taken about one shift per fit: the first chunk's mean on rank 0 (sent to
+        every rank), so that they keep their digits and add up over chunks and ranks.
+        """
+        cached = getattr(self, "_summary_of", None)
+        if cached is not None and cached[0] is source:  # one summary per fit
+            return cached[1]
+        family, total, rows, error = self.family, None, 0, None
+        try:
+            shift = self._shift(source)
+            for chunk in self._chunks(source):
+                part = family.summarize(self, chunk, shift)
+                total = part if total is None else family.combine_summaries(total, part)
+                rows += chunk.rows
+            if total is None and not self.distributed:
+                raise ValueError("the data have no rows; pass at least one non-empty chunk.")
+        except ValueError as caught:
+            error = caught
+        if self.distributed:
+            from .. import distributed as dist_ops
+
+            dist_ops.agree(error, "summarising each rank's shard")
+            total = family.empty_summary(self) if total is None else total
+            tensors = dict(total) | {"_rows": torch.tensor([float(rows)], dtype=torch.float64)}
+            with dist_ops.collective("summing the shards' summaries"):
+                dist_ops.all_reduce_sum(tensors, skip=("shift",))
+            rows = int(tensors.pop("_rows"))
+            total = tensors
+        elif error is not None:
+            raise error
+        summary = Chunk(None, summary=total, n_rows=rows)
+        self._summary_of = (source, summary)
+        return summary
+
+    def _shift(self, source: DataSource) -> torch.Tensor:
+        """The mean of the first chunk (rank 0's, on every rank)."""
+        x0, w0 = self._first_chunk(source, reset=False)
+        shift = x0.mean(0) if w0 is None else (x0 * w0.unsqueeze(-1)).sum(0) / w0.sum()
+        if self.distributed:
+            from .. import distributed as dist_ops
+
+            with dist_ops.collective("sending rank 0's shift"):
+                torch.distributed.broadcast(shift, src=0)
+        return shift
 
     # ------------------------------------------------------------------ batch EM
-    def _run(self, x, w, desc: str) -> EMResult:
-        """EM iterations on data in memory (one chunk)."""
-        from .data import InMemory
-
-        return self._run_source(InMemory(x, w), desc)
-
     def _run_source(self, source: DataSource, desc: str) -> EMResult:
         if self.stochastic:
             return self._run_stochastic(source, desc)
@@ -345,7 +348,7 @@ class EM(MixtureFitter):
 
     def _run_batch(self, source: DataSource, desc: str) -> EMResult:
         """EM iterations from the model's current parameters (the loop lives here only)."""
-        model, closed = self.model, self._closed_form()
+        model, family, closed = self.model, self.family, self._closed_form()
         if not closed and not source.in_memory:
             raise ValueError(
                 "EM over chunks needs the closed-form M-step; the gradient M-step needs the "
@@ -355,7 +358,6 @@ class EM(MixtureFitter):
                 "has none; register its sufficient statistics (register_statistics) or pass "
                 "the data in memory for the gradient M-step."
             )
-        statistics = lookup_statistics(type(model)) if closed else None
         if self.callback is not None:
             self.callback(0, model)
         e = self._e_pass(source, "the E-step pass at the start")
@@ -365,19 +367,9 @@ class EM(MixtureFitter):
             total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False
         )
         for it in range(1, self.max_iter + 1):
-            if closed:
-                self.m_step_from(statistics, e.stats, e.rows)  # (EM-MIX.2/3)
-                # sum_k r_dk log(pi_k p_k(x_d) / r_dk) at the new theta (EM-MIX.LB), from the sums
-                log_weights = model.weights_.log()
-                expected = statistics.expected_log_lik(model, e.stats)
-                joint_term = expected + torch.where(
-                    e.stats["nk"] > 0, e.stats["nk"] * log_weights, 0.0
-                )
-                bound = (float(joint_term.sum()) - e.neg_entropy) / e.weight
-            else:
-                bound = gradient_m_step(
-                    model, self.guide, source.x, source.w, max_iter=self.gradient_max_iter
-                )
+            family.m_step(self, e.stats, e.rows)  # (EM-MIX.2/3, LG-EM, HMM-M)
+            # LB(q_t, theta_t+1) = Q(theta_t, theta_t+1) + H(q_t)    (LB-1, EM-MIX.LB)
+            bound = (family.expected_log_joint(self, e.stats) + e.entropy) / e.weight
             self._check_finite()
             e = self._e_pass(source, f"the E-step pass of iteration {it}")
             lbs.append(bound)
@@ -391,14 +383,7 @@ class EM(MixtureFitter):
                 break
             previous = bound
         bar.close()
-        return EMResult(
-            lls,
-            lbs,
-            converged,
-            it,
-            "closed-form" if closed else "gradient",
-            n_passes=it + 1,
-        )
+        return EMResult(lls, lbs, converged, it, family.kind, n_passes=it + 1)
 
     # ------------------------------------------------------------------ stochastic EM
     def _minibatches(self, source: DataSource, generator: torch.Generator):
@@ -410,29 +395,30 @@ class EM(MixtureFitter):
             order = torch.randperm(source.x.shape[0], generator=generator)
             for start in range(0, order.shape[0], B):
                 idx = order[start : start + B]
-                yield source.x[idx], None if source.w is None else source.w[idx]
+                yield Chunk(source.x[idx], None if source.w is None else source.w[idx])
             return
         if source.n_rows is not None:
             order = torch.randperm(source.n_rows, generator=generator).numpy()
             for start in range(0, order.shape[0], B):
                 idx = np.sort(order[start : start + B])  # sorted: one sweep over the file
-                yield self._check_chunk(start // B, int(idx[0]), *source.rows(idx), reset=False)
+                rows = source.rows(idx)
+                yield Chunk(*self._check_chunk(start // B, int(idx[0]), *rows, reset=False))
             return
-        for x, w in self._chunks(source):
-            order = torch.randperm(x.shape[0], generator=generator)
-            for start in range(0, x.shape[0], B):
+        for chunk in self._chunks(source):
+            order = torch.randperm(chunk.rows, generator=generator)
+            for start in range(0, chunk.rows, B):
                 idx = order[start : start + B]
-                yield x[idx], None if w is None else w[idx]
+                yield Chunk(chunk.x[idx], None if chunk.w is None else chunk.w[idx])
 
     def _run_stochastic(self, source: DataSource, desc: str) -> EMResult:
         """Cappe & Moulines online EM, or minibatch SVI without closed-form sums."""
-        model = self.model
-        statistics = lookup_statistics(type(model)) if self._closed_form() else None
-        if statistics is not None and not statistics.additive:
-            statistics.combine({}, {}, 0.5, 0.5)  # raises the error that says what to do
+        model, family = self.model, self.family
+        closed = self._closed_form()
+        if closed and not family.additive:
+            family.combine({}, {}, 0.5, 0.5)  # raises the error that says what to do
         optimizer = None
         plate, total_weight = {}, None
-        if statistics is None:
+        if not closed:
             optimizer = torch.optim.Adam(list(model.parameters()), lr=self.learning_rate)
             takes_total = "total_size" in inspect.signature(model.forward).parameters
             if source.in_memory and takes_total:  # N known: Pyro's plate scales by N / B
@@ -452,35 +438,34 @@ class EM(MixtureFitter):
         bar = tqdm(total=passes, desc=desc, delay=1.0, disable=not self.progress, leave=False)
         for epoch in range(1, passes + 1):
             ll_sum, weight_sum = 0.0, 0.0
-            for x, w in self._minibatches(source, generator):
-                if x.shape[0] == 0:  # every row of it had weight 0
+            for chunk in self._minibatches(source, generator):
+                if chunk.rows == 0:  # every row of it had weight 0
                     continue
                 t += 1
-                seen += x.shape[0]
-                log_px, log_resp = self._e_step(x, w, **plate)  # at theta_{t-1}
-                weight = float(x.shape[0] if w is None else w.sum())
-                ll_sum += float(log_px.sum() if w is None else (log_px * w).sum())
-                weight_sum += weight
-                if statistics is None:
-                    self._svi_step(optimizer, x, w, total_weight if plate else weight, plate)
+                seen += chunk.rows
+                if not closed:
+                    e = family.e_step(self, chunk, **plate)  # at theta_{t-1}
+                    self._svi_step(
+                        optimizer, chunk.x, chunk.w, total_weight if plate else e.weight, plate
+                    )
                 else:
-                    resp = log_resp.exp()
-                    wresp = resp if w is None else resp * w.unsqueeze(-1)
-                    # sbar: the minibatch's sums per unit weight
-                    sbar = {
-                        k: v if k in statistics.fixed else v / weight
-                        for k, v in statistics.collect(model, x, wresp).items()
-                    }
+                    if family.summarises:
+                        shift = chunk.x.mean(0)
+                        chunk = Chunk(
+                            None, summary=family.summarize(self, chunk, shift), n_rows=chunk.rows
+                        )
+                    e = family.e_step(self, chunk)  # at theta_{t-1}
+                    sbar = family.scaled(e.stats, 1.0 / e.weight)  # the sums per unit weight
                     gamma = float(self._gamma(t))
                     if not 0 < gamma <= 1:
                         raise ValueError(f"step_size gave gamma_{t} = {gamma}; keep it in (0, 1]")
                     # s_t = (1 - gamma_t) s_{t-1} + gamma_t sbar_t
                     running = (
-                        sbar
-                        if running is None
-                        else statistics.combine(running, sbar, 1.0 - gamma, gamma)
+                        sbar if running is None else family.combine(running, sbar, 1 - gamma, gamma)
                     )
-                    self.m_step_from(statistics, running, n_total or seen)  # theta(s_t)
+                    family.m_step(self, running, n_total or seen)  # theta_t = theta(s_t)
+                ll_sum += e.log_lik
+                weight_sum += e.weight
                 self._check_finite()
             if weight_sum == 0:
                 raise ValueError("the data have no rows; pass at least one non-empty chunk.")
@@ -498,7 +483,7 @@ class EM(MixtureFitter):
             [],
             converged,
             len(lls),
-            "stochastic" if statistics is not None else "minibatch SVI",
+            "stochastic" if closed else "minibatch SVI",
             n_passes=len(lls),
             approximate=True,
         )
@@ -519,13 +504,3 @@ class EM(MixtureFitter):
             )
         loss.backward()
         optimizer.step()
-
-
-def _row_blocks(chunks, block: int | None):
-    """Each (x, w) chunk cut into blocks of at most ``block`` rows (None: as it comes)."""
-    for x, w in chunks:
-        if block is None or x.shape[0] <= block:
-            yield x, w
-            continue
-        for start in range(0, x.shape[0], block):
-            yield x[start : start + block], None if w is None else w[start : start + block]

@@ -1,4 +1,4 @@
-"""Additive sufficient statistics: the E-step reduces data to sums, the M-step reads only those.
+"""Mixtures in the one EM loop: EM-MIX.1-3 for any component family, from its sums.
 
 For every built-in component family the closed-form M-step (EM-MIX.3) depends on the data
 only through sums over data points weighted by the responsibilities r_dk (EM-MIX.1):
@@ -13,13 +13,16 @@ Poisson         sum_d r_dk x_d,  sum_d r_dk sum_j log x_dj!
 categorical     sum_d r_dk [x_dj = c]
 ==============  ==============================================================
 
-Sums add up over any split of the data, so EM over chunks (out of core), over the shards of
-several processes (``all_reduce``), and stochastic EM (running averages of the sums, Cappe &
-Moulines 2009) all reuse the same two functions per family. The Gaussian sums are taken
-about a shift c_k (the current means, known before the pass) so that the scatter keeps its
-digits when a component is far from the origin (PRML (9.25) centred, not E[x x^T] - mu mu^T).
+A component family says how to take and read its sums (:class:`SufficientStatistics`);
+:class:`MixtureFamily` adds what every mixture shares -- the responsibilities, the weights
+pi_k = N_k / N (EM-MIX.2), the entropy of q and the start -- and is the
+:class:`~elbolab.inference.em.family.Family` the EM loop runs. The same component
+statistics serve the emissions of a hidden Markov model (:mod:`.hmm`), with the smoothed
+marginals gamma_t(k) in place of r_dk (HMM-M). The Gaussian sums are taken about a shift
+c_k (the current means, known before the pass) so that the scatter keeps its digits when a
+component is far from the origin (PRML (9.25) centred, not E[x x^T] - mu mu^T).
 
-A family registers a :class:`SufficientStatistics` like a closed-form M-step::
+A component family registers its statistics, or only a data-level M-step::
 
     @register_statistics(MyMixture)
     class MyStatistics(SufficientStatistics):
@@ -27,9 +30,12 @@ A family registers a :class:`SufficientStatistics` like a closed-form M-step::
         def m_step(self, model, stats, nk, reg_covar): ...
         def expected_log_lik(self, model, stats): ...   # (K,) sum_d r_dk log p_k(x_d)
 
-A family with only a data-level M-step (:func:`~elbolab.inference.register_m_step`) still
-runs through the same loop: its "statistics" are the data and responsibilities themselves,
-concatenated over chunks (exact, but memory then grows with the data).
+    @register_m_step(MyMixture)                          # sugar: the data are the "sums"
+    def _m_step(model, x, resp, nk, reg_covar): ...
+
+A family with only a data-level M-step still runs through the same loop: its "statistics"
+are the data and responsibilities themselves, concatenated over chunks (exact, but memory
+then grows with the data).
 """
 
 from __future__ import annotations
@@ -39,9 +45,15 @@ from collections.abc import Callable
 
 import torch
 
-from .registry import _M_STEPS, MStep
+from .family import Chunk, EChunk, Family, Stats, lookup_family, set_family
+from .init import initial_responsibilities
 
-_STATISTICS: dict[type, SufficientStatistics] = {}
+#: signature of a data-level M-step: (model, x (N, D), resp (N, K), nk (K,), reg_covar)
+MStep = Callable[..., None]
+#: (rows, K) entries per E-step block (2 MiB in float64). Temporaries of this size come back
+#: from the allocator already mapped; a whole (N, K) table per pass is mapped afresh each
+#: time, which costs more than the arithmetic (bench/bench_em_libraries.py, faults column).
+E_BLOCK_ELEMENTS = 1 << 18
 
 
 class SufficientStatistics:
@@ -80,34 +92,6 @@ class SufficientStatistics:
             k: a[k] if k in self.fixed else alpha * a[k] + beta * b[k]
             for k in a  # same keys in both
         }
-
-
-def register_statistics(
-    model_class: type,
-) -> Callable[[type[SufficientStatistics]], type[SufficientStatistics]]:
-    """Class decorator registering the sufficient statistics of ``model_class``'s family."""
-    if not isinstance(model_class, type):
-        raise TypeError(f"register_statistics expects a class, got {model_class!r}")
-
-    def decorator(cls: type[SufficientStatistics]) -> type[SufficientStatistics]:
-        _STATISTICS[model_class] = cls()
-        return cls
-
-    return decorator
-
-
-def lookup_statistics(model_class: type) -> SufficientStatistics | None:
-    """The statistics of ``model_class`` (or of its nearest base with a closed form), else None.
-
-    The class hierarchy is walked once: at each class, registered statistics win over a
-    registered data-level M-step, which is wrapped in :class:`DataStatistics`.
-    """
-    for cls in model_class.__mro__:
-        if cls in _STATISTICS:
-            return _STATISTICS[cls]
-        if cls in _M_STEPS:
-            return DataStatistics(_M_STEPS[cls])
-    return None
 
 
 def _component_log_prob(model, x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +140,211 @@ class DataStatistics(SufficientStatistics):
         return torch.where(stats["resp"] > 0, stats["resp"] * log_p, 0.0).sum(0)
 
 
+# ---------------------------------------------------------------------------- the family
+def weights_m_step(nk: torch.Tensor) -> torch.Tensor:
+    """pi_k := N_k / sum_k' N_k', N_k = sum_d r_dk (EM-MIX.2), shape (K,)."""
+    return nk / nk.sum()
+
+
+class MixtureFamily(Family):
+    """A mixture sum_k pi_k p_k(x; theta_k) in the EM loop, from its component statistics.
+
+    E-step: r_dk from the exact guide (EM-MIX.1), in blocks of rows; the sums are the
+    component statistics of the weighted responsibilities, the log-likelihood and the
+    entropy -sum_d w_d sum_k r_dk log r_dk. M-step: EM-MIX.3 for the components, EM-MIX.2
+    for the weights. Q(theta~, theta) = sum_k [N_k log pi_k + sum_d r_dk log p_k(x_d)].
+    """
+
+    def __init__(self, component: SufficientStatistics) -> None:
+        self.component = component
+        self.fixed, self.additive = component.fixed, component.additive
+        self.data_m_step = _data_m_step(component)
+
+    # ------------------------------------------------------------------ start
+    def start(self, em, chunk: Chunk, rng) -> None:
+        """One M-step on initial responsibilities (``em.init``), as scikit-learn starts.
+
+        Sums taken about a shift (Gaussian) are taken twice: about the data's centre,
+        then about the means the first update found, so the start keeps every digit.
+        """
+        resp = start_responsibilities(em, chunk, rng)
+        if resp is None:
+            return
+        x, w = chunk.x, chunk.w
+        wresp = resp if w is None else resp * w.unsqueeze(-1)
+        for _ in range(2 if self.fixed else 1):
+            self.m_step(em, self.component.collect(em.model, x, wresp), x.shape[0])
+        if isinstance(em.init, dict):
+            em.model.set_params(**em.init)
+
+    # ------------------------------------------------------------------ E-step
+    def e_step(self, em, chunk: Chunk, **plate) -> EChunk:
+        """r_dk in blocks of rows, reduced to sums (the blocks' (rows, K) temporaries stay
+        small and the allocator reuses them). ``plate``: ``total_size=N`` for a minibatch
+        the model's plate subsamples."""
+        block = E_BLOCK_ELEMENTS // em.model.n_components if self.additive else chunk.rows
+        block = max(block, 1)
+        total = None
+        for start in range(0, chunk.rows, block):
+            w = None if chunk.w is None else chunk.w[start : start + block]
+            part = self._e_block(em, chunk.x[start : start + block], w, **plate)
+            total = part if total is None else self.add(total, part)
+        return total
+
+    def _e_block(self, em, x, w, **plate) -> EChunk:
+        log_px, log_resp = responsibilities(em.guide, x, w, **plate)
+        resp = log_resp.exp()
+        wresp = resp if w is None else resp * w.unsqueeze(-1)
+        return EChunk(
+            self.component.collect(em.model, x, wresp),
+            float(log_px.sum() if w is None else (log_px * w).sum()),
+            -float(torch.where(resp > 0, wresp * log_resp, 0.0).sum()),
+            float(x.shape[0] if w is None else w.sum()),
+            x.shape[0],
+        )
+
+    def empty_stats(self, em) -> Stats:
+        dtype, D, K = em.model.dtype, em.model.n_features_in_, em.model.n_components
+        return self.component.collect(
+            em.model, torch.zeros(0, D, dtype=dtype), torch.zeros(0, K, dtype=dtype)
+        )
+
+    # ------------------------------------------------------------------ M-step
+    def m_step(self, em, stats: Stats, rows: float) -> None:
+        """EM-MIX.3 for the components, then EM-MIX.2 for the weights, from the sums.
+
+        The sums are first put per unit of mean weight: times ``rows`` / (total weight),
+        with ``rows`` the number of data points they sum over. With sample weights of any
+        scale c the update is then that of the unweighted sums, and ``reg_covar``'s
+        pseudo-counts (Bernoulli, categorical) count samples of mean weight.
+        """
+        weight = self.total_weight(stats)
+        if weight > 0 and rows != weight:
+            stats = self.scaled(stats, rows / weight)
+        nk = stats["nk"]
+        nk = nk + 10 * torch.finfo(nk.dtype).eps  # keeps an empty component finite
+        self.component.m_step(em.model, stats, nk, em.reg_covar)
+        em.model.assign("weights", weights_m_step(nk))
+
+    def expected_log_joint(self, em, stats: Stats) -> float:
+        """sum_k [N_k log pi_k + sum_d r_dk log p_k(x_d; theta)] (EM-MIX.LB without H)."""
+        log_weights = em.model.weights_.log()
+        expected = self.component.expected_log_lik(em.model, stats)
+        joint = expected + torch.where(stats["nk"] > 0, stats["nk"] * log_weights, 0.0)
+        return float(joint.sum())
+
+    # ------------------------------------------------------------------ sums
+    def combine(self, a, b, alpha=1.0, beta=1.0):
+        return self.component.combine(a, b, alpha, beta)
+
+    def scaled(self, stats, factor):
+        return self.component.scaled(stats, factor)
+
+
+def _data_m_step(component: SufficientStatistics) -> MStep:
+    """The data-level M-step ``(model, x, resp, nk, reg_covar)`` of a component family."""
+    if isinstance(component, DataStatistics):
+        return component.m_step_fn
+
+    def m_step(model, x, resp, nk, reg_covar: float) -> None:
+        component.m_step(model, component.collect(model, x, resp), nk, reg_covar)
+
+    m_step.__name__ = f"m_step_{type(component).__name__.removesuffix('Statistics')}"
+    m_step.__doc__ = f"EM-MIX.3 from {type(component).__name__}'s sums of (x, resp)."
+    return m_step
+
+
+def responsibilities(guide, x, w=None, **plate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The E-step of a mixture (EM-1 step 1): refresh the guide on ``x``, return log p(x_d)
+    (n,) and log r_dk (n, K) (EM-MIX.1)."""
+    guide.refresh(x, w, **plate)
+    log_joint = guide.joint(x, w, **plate).log_joint.transpose(-1, -2)  # (n, K)
+    log_px = log_joint.logsumexp(-1)  # log p(x_d)
+    return log_px, log_joint - log_px.unsqueeze(-1)
+
+
+def start_responsibilities(em, chunk: Chunk, rng) -> torch.Tensor | None:
+    """Build ``em.model`` for the data, set the entries of an ``init`` dict, and return the
+    initial responsibilities (n, K) of ``em.init``'s method, or None when the dict gave
+    every parameter (``model.param_names()``).
+
+    What a partial dict leaves out is estimated, as scikit-learn does, from k-means++
+    responsibilities, so a partial start never leaves components identical.
+    """
+    model, x = em.model, chunk.x
+    model.build_for(x)
+    given = dict(em.init) if isinstance(em.init, dict) else {}
+    if given:
+        model.set_params(**given)  # every given value checked before any work
+    em._init_complete = bool(given) and set(model.param_names()) <= set(given)
+    if em._init_complete:
+        return None
+    if x.shape[0] < model.n_components:
+        raise ValueError(
+            f"the init dict leaves out {sorted(set(model.param_names()) - set(given))}, "
+            f"which are estimated from the data, and x has {x.shape[0]} rows for "
+            f"{model.n_components} components; give every parameter in init or more rows."
+        )
+    method = em.init if isinstance(em.init, str) else "kmeans++"
+    return initial_responsibilities(x, model.n_components, method, rng, chunk.w)
+
+
+# ---------------------------------------------------------------------------- registry
+def register_statistics(
+    model_class: type,
+) -> Callable[[type[SufficientStatistics]], type[SufficientStatistics]]:
+    """Class decorator registering the component statistics of ``model_class``'s family:
+    its mixture (and the emissions of its hidden Markov model) then fit in closed form."""
+    if not isinstance(model_class, type):
+        raise TypeError(f"register_statistics expects a class, got {model_class!r}")
+
+    def decorator(cls: type[SufficientStatistics]) -> type[SufficientStatistics]:
+        set_family(model_class, MixtureFamily(cls()))
+        return cls
+
+    return decorator
+
+
+def register_m_step(model_class: type) -> Callable[[MStep], MStep]:
+    """Decorator registering a data-level closed-form component M-step for ``model_class``.
+
+    The function receives ``(model, x, resp, nk, reg_covar)``: data ``x`` (N, D), weighted
+    responsibilities ``resp`` (N, K), their column sums ``nk`` (K,) and the regulariser,
+    and sets the model's component parameters. The weights pi are set by EM itself
+    (EM-MIX.2), the same for every family. Sugar for :func:`register_statistics` with the
+    data themselves as the statistics.
+    """
+    if not isinstance(model_class, type):
+        raise TypeError(f"register_m_step expects a class, got {model_class!r}")
+
+    def decorator(fn: MStep) -> MStep:
+        set_family(model_class, MixtureFamily(DataStatistics(fn)))
+        return fn
+
+    return decorator
+
+
+def lookup_statistics(model_class: type) -> SufficientStatistics | None:
+    """The component statistics of ``model_class`` (or its nearest registered base)."""
+    family = lookup_family(model_class)
+    return family.component if isinstance(family, MixtureFamily) else None
+
+
+def lookup_m_step(model_class: type) -> MStep | None:
+    """The data-level closed-form M-step of ``model_class`` or its nearest base, else None."""
+    family = lookup_family(model_class)
+    return family.data_m_step if isinstance(family, MixtureFamily) else None
+
+
+def registered_families() -> list[type]:
+    """Mixture classes with a closed-form M-step (registered statistics or M-step)."""
+    from .family import _FAMILIES
+
+    return [c for c, f in _FAMILIES.items() if isinstance(f, MixtureFamily)]
+
+
 # ---------------------------------------------------------------------------- the families
-# imported here, after the registry, so the model modules stay free of inference code
-from ...models import (  # noqa: E402
+from ...models import (  # noqa: E402  (the built-in families, registered below)
     BernoulliMixture,
     CategoricalMixture,
     GaussianMixture,
