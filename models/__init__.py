@@ -6,11 +6,23 @@ from .bernoulli import BernoulliMixture
 from .categorical import CategoricalMixture
 from .enumeration import EnumeratedJoint, enumerate_joint
 from .gaussian import GaussianMixture, SingularCovarianceError
+from .hmm import (
+    BernoulliHMM,
+    CategoricalHMM,
+    GaussianHMM,
+    HiddenMarkovModel,
+    PoissonHMM,
+)
 from .linear_gaussian import PPCA, FactorAnalysis, LinearGaussian, gaussian_bound
 from .poisson import PoissonMixture
 from .vae import VAE
 
 __all__ = [
+    "BernoulliHMM",
+    "CategoricalHMM",
+    "GaussianHMM",
+    "HiddenMarkovModel",
+    "PoissonHMM",
     "BayesianMixture",
     "BernoulliMixture",
     "CategoricalMixture",

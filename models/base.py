@@ -189,6 +189,23 @@ def ancestral_sample(program, n: int, seed: int | None = None) -> tuple[torch.Te
     return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
 
 
+def assign(module: PyroModule, name: str, value) -> None:
+    """Set the constrained ``PyroParam`` ``name`` of ``module`` to ``value`` in place (its
+    unconstrained tensor is overwritten, so optimisers keep the same parameter)."""
+    current = getattr(module, name)
+    value = as_tensor(value, current.dtype, name)
+    if value.shape != current.shape:
+        raise ValueError(
+            f"parameter {name!r} must have shape {tuple(current.shape)}, got {tuple(value.shape)}"
+        )
+    constraint = module._pyro_params[name][0]
+    if not bool(constraint.check(value).all()):
+        raise ValueError(f"parameter {name!r} violates its constraint {constraint}")
+    unconstrained = getattr(module, name + "_unconstrained")
+    with torch.no_grad():
+        unconstrained.copy_(transform_to(constraint).inv(value))
+
+
 class NotFittedError(ValueError, AttributeError):
     """The model has no parameters yet."""
 
@@ -307,19 +324,7 @@ class MixtureModel(PyroModule):
 
     def assign(self, name: str, value) -> None:
         """Set a constrained parameter ``name`` to ``value`` (in place, keeps its dtype)."""
-        current = getattr(self, name)
-        value = as_tensor(value, current.dtype, name)
-        if value.shape != current.shape:
-            raise ValueError(
-                f"parameter {name!r} must have shape {tuple(current.shape)}, "
-                f"got {tuple(value.shape)}"
-            )
-        constraint = self._pyro_params[name][0]
-        if not bool(constraint.check(value).all()):
-            raise ValueError(f"parameter {name!r} violates its constraint {constraint}")
-        unconstrained = getattr(self, name + "_unconstrained")
-        with torch.no_grad():
-            unconstrained.copy_(transform_to(constraint).inv(value))
+        assign(self, name, value)
 
     def param_names(self) -> tuple[str, ...]:
         """Names ``set_params`` and ``init=`` dicts take: ``weights`` and the family's own.

@@ -406,7 +406,9 @@ def test_em_on_a_model_that_is_not_a_mixture_names_the_right_guide():
     model = PPCA(2, 1)
     with refused("guide must be ExactGaussianPosterior(model) for this same model"):
         EM(model, ExactPosterior(model))
-    with refused("EM fits mixtures (a MixtureModel), PPCA and factor analysis; got VAE"):
+    with refused(
+        "EM fits mixtures (a MixtureModel), PPCA and factor analysis, hidden Markov models; got VAE"
+    ):
         vae = VAE(4, 2)
         EM(vae, ExactPosterior(vae))
 

@@ -39,6 +39,8 @@ class DataSource:
     x: torch.Tensor | None = None
     #: per-sample weights of in-memory data
     w: torch.Tensor | None = None
+    #: lengths (S,) of the sequences of in-memory frames (sequence models), else None
+    lengths: torch.Tensor | None = None
     #: whether a second pass is possible
     reiterable: bool = True
 
@@ -63,10 +65,13 @@ class DataSource:
 
 
 class InMemory(DataSource):
-    """A validated tensor (N, D) and optional weights (N,): a single chunk."""
+    """A validated tensor (N, D), optional weights (N,) and, for sequence models, the
+    lengths (S,) of the sequences whose frames it holds: a single chunk."""
 
-    def __init__(self, x: torch.Tensor, w: torch.Tensor | None) -> None:
-        self.x, self.w = x, w
+    def __init__(
+        self, x: torch.Tensor, w: torch.Tensor | None, lengths: torch.Tensor | None = None
+    ) -> None:
+        self.x, self.w, self.lengths = x, w, lengths
 
     def chunks(self):
         yield self.x, self.w
@@ -123,6 +128,35 @@ class NpyFile(DataSource):
             yield torch.from_numpy(block), None
         if n == 0:
             yield torch.from_numpy(np.array(self.array)), None  # reported as empty
+
+
+class SequenceFile(NpyFile):
+    """The frames of several sequences in a ``.npy`` file (their ``lengths`` (S,) given),
+    read a few whole sequences at a time: a chunk holds the sequences that start in the
+    next ``chunk_size`` rows, so a sequence is never cut."""
+
+    def __init__(self, source, chunk_size: int, lengths: torch.Tensor) -> None:
+        super().__init__(source, chunk_size)
+        self.lengths = lengths
+        self.n_rows = None  # minibatches are drawn by whole sequences, not by rows
+
+    def sequence_chunks(self):
+        """``(x, lengths)`` of each chunk of whole sequences."""
+        ends = np.cumsum(self.lengths.numpy())
+        starts = ends - self.lengths.numpy()
+        first = 0
+        while first < len(starts):
+            last = int(np.searchsorted(starts, starts[first] + self.chunk_size, "left"))
+            last = max(last, first + 1)
+            lo, hi = int(starts[first]), int(ends[last - 1])
+            block = np.array(self.array[lo:hi])  # a private copy
+            _release_pages(self.array)
+            yield torch.from_numpy(block), self.lengths[first:last]
+            first = last
+
+    def chunks(self):
+        for x, _ in self.sequence_chunks():
+            yield x, None
 
 
 def _release_pages(array: np.ndarray) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,8 +23,16 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ...guides import ExactGaussianPosterior, ExactPosterior
 from ...models.base import MixtureModel, as_tensor, check_seed
+from ...models.hmm import HiddenMarkovModel, check_lengths
 from ...models.linear_gaussian import LinearGaussian
-from .data import DEFAULT_CHUNK_SIZE, DataSource, InMemory, chunked_source, is_chunked
+from .data import (
+    DEFAULT_CHUNK_SIZE,
+    DataSource,
+    InMemory,
+    SequenceFile,
+    chunked_source,
+    is_chunked,
+)
 from .family import Chunk, Family, lookup_family
 from .gradient import GradientFamily
 from .init import INIT_METHODS
@@ -156,6 +165,10 @@ def family_for(model, m_step: str = "auto") -> Family:
     """The EM family of ``model``: its registered one, or :class:`GradientFamily` for
     ``m_step="gradient"`` or a model with none (``ValueError`` with the fix where a closed
     form is asked for and none exists, or where the model needs its own)."""
+    if isinstance(model, HiddenMarkovModel):
+        from .hmm import hmm_family
+
+        return hmm_family(model, m_step)
     family = lookup_family(type(model))
     if isinstance(model, LinearGaussian):
         if m_step == "gradient":
@@ -240,22 +253,20 @@ class Fitter:
     ) -> None:
         if isinstance(model, LinearGaussian):
             if not isinstance(guide, ExactGaussianPosterior) or guide.model is not model:
-                raise ValueError(
-                    "guide must be ExactGaussianPosterior(model) for this same model"
-                )
+                raise ValueError("guide must be ExactGaussianPosterior(model) for this same model")
             if init == "kmeans++":  # the mixtures' default
                 init = "random"
             methods = LINEAR_GAUSSIAN_INIT
-        elif isinstance(model, MixtureModel):
+        elif isinstance(model, (MixtureModel, HiddenMarkovModel)):
             if not isinstance(guide, ExactPosterior) or guide.model is not model:
                 raise ValueError("guide must be ExactPosterior(model) for this same model")
             methods = INIT_METHODS
         else:
             raise ValueError(
                 f"{type(self).__name__} fits mixtures (a MixtureModel), PPCA and factor "
-                f"analysis; got {type(model).__name__}. PPCA and factor analysis: "
-                "EM(model, ExactGaussianPosterior(model)); a VAE: SVITrainer(model, "
-                "AmortizedNormal(...))"
+                f"analysis, hidden Markov models; got {type(model).__name__}. PPCA and "
+                "factor analysis: EM(model, ExactGaussianPosterior(model)); a VAE: "
+                "SVITrainer(model, AmortizedNormal(...))"
             )
         if callback is not None and not callable(callback):
             raise ValueError(
@@ -289,18 +300,21 @@ class Fitter:
         return self.family.kind == "closed-form"
 
     # ------------------------------------------------------------------ public
-    def fit(self, x, sample_weight=None) -> EMResult:
+    def fit(self, x, sample_weight=None, lengths=None) -> EMResult:
         """Fit the model to ``x``; returns an :class:`EMResult` (also ``result_``).
 
         ``x`` is a tensor or array (N, D), or -- for schemes that read data in chunks (EM) --
         a list of 2-D chunks, a ``DataLoader``, or a path to a ``.npy`` file (see
-        :mod:`.chunks`). On an error the parameters of a model fitted before are restored.
+        :mod:`.data`). Sequence models (hidden Markov models) take the frames of several
+        sequences concatenated with their ``lengths`` (S,) as hmmlearn does, a list of
+        (T_i, D) sequences, or a ``.npy`` path with ``lengths`` (read a few whole sequences
+        at a time). On an error the parameters of a model fitted before are restored.
         """
         start = time.perf_counter()
         model = self.model
         saved = copy.deepcopy(model.state_dict()) if model.is_built else None
         try:
-            best = self._fit(x, sample_weight)
+            best = self._fit(x, sample_weight, lengths)
         except BaseException:
             if saved is not None and model.is_built:
                 model.load_state_dict(saved)  # nothing half-fitted is left behind
@@ -318,11 +332,19 @@ class Fitter:
         self.result_ = best
         return best
 
-    def _fit(self, x, sample_weight) -> EMResult:
+    def _fit(self, x, sample_weight, lengths=None) -> EMResult:
         model, guide = self.model, self.guide
         warm = self.warm_start and model.is_built
         self._weight_scale = 1.0 if getattr(self, "distributed", False) else None
-        source = self._source(x, sample_weight, reset=not warm)
+        if self.family.sequences or getattr(model, "validate_sequences", None) is not None:
+            source = self._sequence_source(x, sample_weight, lengths, reset=not warm)
+        elif lengths is not None:
+            raise ValueError(
+                f"lengths goes with sequence models (hidden Markov models); a "
+                f"{type(model).__name__} treats every row as its own sample: drop lengths"
+            )
+        else:
+            source = self._source(x, sample_weight, reset=not warm)
         rng = np.random.default_rng(self.seed)
         # a complete init dict (or a warm start) is one start; more would repeat it
         n_init = 1 if warm or not source.reiterable else self.n_init
@@ -343,11 +365,11 @@ class Fitter:
         # the guide ends as the posterior at the returned parameters
         if best.best_init != n_init - 1:
             model.load_state_dict(best_state)
-            if source.in_memory:
+            if source.in_memory and source.lengths is None:
                 guide.refresh(source.x, source.w)
             else:
                 guide.refresh()
-        elif source.in_memory:
+        elif source.in_memory and source.lengths is None:
             self._after_last_run(source.x, source.w)
         best.init_lower_bounds = finals
         return best
@@ -393,6 +415,32 @@ class Fitter:
             )
         return source
 
+    def _sequence_source(self, x, sample_weight, lengths, reset: bool) -> DataSource:
+        """Sequences in memory (frames and lengths, or a list of sequences) or in a ``.npy``
+        file with ``lengths``; every check before any work."""
+        if sample_weight is not None:
+            raise ValueError(
+                "hidden Markov models take no sample_weight (a weight per frame would break "
+                "the chain); repeat a sequence to count it more"
+            )
+        model = self.model
+        if isinstance(x, (str, os.PathLike, np.memmap)):
+            if not self.reads_chunks:
+                raise ValueError(f"{self.scheme} needs the sequences in memory")
+            if lengths is None:
+                raise ValueError(
+                    "a .npy file of frames needs their lengths (one per sequence), so that "
+                    "chunks hold whole sequences: fit(path, lengths=lengths)"
+                )
+            array = np.load(x, mmap_mode="r") if not isinstance(x, np.memmap) else x
+            lengths = check_lengths(lengths, len(array))
+            source = SequenceFile(x, self.chunk_size, lengths)
+            first = next(source.sequence_chunks())
+            model.validate_sequences(first[0], first[1], reset=reset)  # decides the dtype
+            return source
+        frames, lengths = model.validate_sequences(x, lengths, reset=reset)
+        return InMemory(frames, None, lengths)
+
     def _scale_weights(self, w: torch.Tensor | None) -> torch.Tensor | None:
         """Weights times one power of two per fit (chosen on the first weights seen).
 
@@ -425,7 +473,17 @@ class Fitter:
         Errors name the chunk and its first row, and keep the message's fix.
         """
         if source.in_memory:
-            yield Chunk(source.x, source.w)
+            yield Chunk(source.x, source.w, source.lengths)
+            return
+        if isinstance(source, SequenceFile):
+            row = 0
+            for i, (xc, lc) in enumerate(source.sequence_chunks()):
+                try:
+                    xc, lc = self.model.validate_sequences(xc, lc)
+                except ValueError as error:
+                    raise ValueError(f"chunk {i} (from row {row}): {error}") from None
+                yield Chunk(xc, None, lc)
+                row += xc.shape[0]
             return
         row = 0
         for i, (xc, wc) in enumerate(source.chunks()):
@@ -458,6 +516,9 @@ class Fitter:
         """The first chunk, checked (``reset``: it decides the feature count and dtype)."""
         if source.in_memory:
             return source.x, source.w
+        if isinstance(source, SequenceFile):
+            x0, l0 = next(source.sequence_chunks())
+            return self.model.validate_sequences(x0, l0, reset=reset)[0], None
         first = source.first()  # a one-shot iterator keeps it for the first pass
         if first is None:
             raise ValueError("the data have no chunks; pass at least one non-empty chunk.")
@@ -478,6 +539,7 @@ class Fitter:
     def _initialize(self, x, w, rng) -> None:
         """Build the parameters and set the family's start (``init``) on data ``x``."""
         self.family.start(self, Chunk(x, w), rng)
+        self._check_finite(restore=False)
 
     def _check_finite(self, restore: bool = True) -> None:
         if all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
