@@ -25,10 +25,12 @@ from contextlib import ExitStack
 import pyro
 import pyro.distributions as dist
 import torch
+from opt_einsum import contract
 from pyro import poutine
 from pyro.nn import PyroModule
 
-from ..models.enumeration import EnumeratedJoint, enumerate_joint
+from ..models.base import MixtureModel
+from ..models.enumeration import EnumeratedJoint, FactorGraph, enumerate_factors, enumerate_joint
 
 
 class ExactPosterior(PyroModule):
@@ -128,16 +130,90 @@ class ExactPosterior(PyroModule):
             if a is not None
         )
 
-    @torch.no_grad()
-    def _enumerate(self, args, kwargs) -> EnumeratedJoint:
-        source = self.twin if self.frozen else self.model
-        return enumerate_joint(source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs)
+    def _joint_path(self) -> bool:
+        """Whether the posterior is tabulated jointly per datum: a mixture's one site. Any
+        other program takes the factor graph (variable elimination, per-factor marginals)."""
+        return isinstance(self.model, MixtureModel)
 
-    def joint(self, *args, **kwargs) -> EnumeratedJoint:
-        """The enumerated log p(x, z; theta~) for these data (cached after :meth:`refresh`)."""
+    @torch.no_grad()
+    def _enumerate(self, args, kwargs) -> EnumeratedJoint | FactorGraph:
+        source = self.twin if self.frozen else self.model
+        if self._joint_path():
+            return enumerate_joint(
+                source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs
+            )
+        return enumerate_factors(source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs)
+
+    def _posterior(self, args, kwargs) -> EnumeratedJoint | FactorGraph:
         if self._cache is not None and self._cache[0] == self._key(args, kwargs):
             return self._cache[1]
         return self._enumerate(args, kwargs)
+
+    def joint(self, *args, **kwargs) -> EnumeratedJoint:
+        """The enumerated log p(x, z; theta~) for these data (cached after :meth:`refresh`)."""
+        posterior = self._posterior(args, kwargs)
+        if isinstance(posterior, FactorGraph):
+            source = self.twin if self.frozen else self.model
+            return enumerate_joint(
+                source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs
+            )
+        return posterior
+
+    def factor_graph(self, *args, **kwargs) -> FactorGraph:
+        """The program's factors at theta~ for these data (cached after :meth:`refresh`)."""
+        posterior = self._posterior(args, kwargs)
+        if isinstance(posterior, FactorGraph):
+            return posterior
+        source = self.twin if self.frozen else self.model
+        return enumerate_factors(source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs)
+
+    # ------------------------------------------------------------------ what EM reads
+    def marginals(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Each latent site's posterior marginal p(z_j | x; theta~), by site name, each of
+        shape (plate..., K_j) (a mixture: {"z": r (N, K)}; a chain: one entry per step)."""
+        posterior = self._posterior(self._checked(args), kwargs)
+        if isinstance(posterior, EnumeratedJoint):
+            return {
+                name: _marginal_of_joint(posterior, j).exp()
+                for j, name in enumerate(posterior.sites)
+            }
+        return {name: posterior.site_marginal(name) for name in posterior.sites}
+
+    def log_likelihood(self, *args, **kwargs) -> float:
+        """sum_d log p(x_d; theta~), z summed out (unweighted)."""
+        posterior = self._posterior(args, kwargs)
+        if isinstance(posterior, EnumeratedJoint):
+            return float(posterior.log_marginal().sum())
+        return float(posterior.log_partition.detach())
+
+    def expected_log_joint(self, *args, **kwargs) -> torch.Tensor:
+        """Q(theta~, theta) = E_q~[log p(x, z; theta)] at the live model's theta, z summed
+        exactly under the frozen q (HMM-Q, EM-2); differentiable in theta.
+
+        Plus the entropy H(q~) this is Pyro's ELBO with the guide frozen (LB-1), so
+        maximising it is the M-step of EM for any program (generalised EM).
+        """
+        posterior = self._posterior(args, kwargs)
+        if isinstance(posterior, EnumeratedJoint):
+            live = enumerate_joint(
+                self.model, *args, max_plate_nesting=self.max_plate_nesting, **kwargs
+            )
+            q = _joint_probs(posterior)
+            scale = _joint_scale(posterior)
+            return (torch.where(q > 0, q * live.log_joint, 0.0) * scale).sum()
+        return _expected_log_factors(self.model, posterior, args, kwargs, self.max_plate_nesting)
+
+    def entropy(self, *args, **kwargs) -> float:
+        """H(q~) = log p(x; theta~) - Q(theta~, theta~) summed over the data (EM-TIGHT,
+        LB-1); for a mixture -sum_d sum_k r_dk log r_dk, taken directly."""
+        posterior = self._posterior(args, kwargs)
+        if isinstance(posterior, EnumeratedJoint):
+            q = _joint_probs(posterior)
+            log_q = posterior.log_joint - posterior.log_joint_normaliser()
+            scale = _joint_scale(posterior)
+            return -float((torch.where(q > 0, q * log_q, 0.0) * scale).sum())
+        q_tilde = _expected_log_factors(None, posterior, args, kwargs, self.max_plate_nesting)
+        return float(posterior.log_partition.detach() - q_tilde.detach())
 
     # ------------------------------------------------------------------ posterior
     @staticmethod
@@ -181,8 +257,19 @@ class ExactPosterior(PyroModule):
 
     # ------------------------------------------------------------------ the Pyro program
     def forward(self, *args, **kwargs):
-        """Sample (or, under ``TraceEnum_ELBO``, enumerate) every latent site from q."""
-        joint = self.joint(*args, **kwargs)
+        """Sample (or, under ``TraceEnum_ELBO``, enumerate) every latent site from q.
+
+        Each site is drawn from its exact conditional given the sites before it,
+        q(z_j | z_<j, x) = p(z_j | z_<j, x; theta~), so the estimate of one sample is
+        log p(x) exactly (KL = 0: BASIC). A mixture's conditionals come from its joint
+        table; a chain's (or tree's) from the pairwise marginals of its factors,
+        p(z_j | z_pa, x) = p(z_j, z_pa | x) / p(z_pa | x), the chain run under
+        ``pyro.markov`` so that enumerating it needs a few tensor dimensions only.
+        """
+        posterior = self._posterior(args, kwargs)
+        if isinstance(posterior, FactorGraph):
+            return self._chain_program(posterior)
+        joint = posterior
         values = {}
         with ExitStack() as plates:
             opened = set()
@@ -198,3 +285,120 @@ class ExactPosterior(PyroModule):
                         infer={"enumerate": "parallel"},
                     )
         return values
+
+    def _chain_program(self, graph: FactorGraph) -> dict[str, torch.Tensor]:
+        """The guide program of a factor graph whose sites each have at most one parent."""
+        conditionals = _conditionals(graph)
+        order = {name: j for j, name in enumerate(graph.sites)}
+        history = max(
+            [order[n] - order[p] for n, (p, _) in conditionals.items() if p is not None],
+            default=1,
+        )
+        values, frames = {}, {}
+        for name in graph.sites:  # every plate opened once, outside the chain
+            for frame in graph.trace.nodes[name]["cond_indep_stack"]:
+                if frame.vectorized:
+                    frames[frame.name] = frame
+        with ExitStack() as plates:
+            for frame in sorted(frames.values(), key=lambda f: -f.dim):
+                plates.enter_context(pyro.plate(frame.name, frame.size, dim=frame.dim))
+            # a model run under pyro.markov is enumerated with recycled dimensions, and the
+            # guide's draws must be too; any other model keeps one dimension per site
+            markov = any("_markov_scope" in graph.trace.nodes[n]["infer"] for n in graph.sites)
+            steps = range(len(graph.sites))
+            for j in pyro.markov(steps, history=max(history, 1)) if markov else steps:
+                name = graph.sites[j]
+                site = graph.trace.nodes[name]
+                parent, logits = conditionals[name]
+                if parent is not None:
+                    index = values[parent]
+                    if logits.dim() == 3:  # (plate, K_parent, K): pick each element's row
+                        logits = logits[torch.arange(logits.shape[0]), index]
+                    else:
+                        logits = logits[index]
+                mask = site["mask"] if site["mask"] is not None else True
+                with poutine.mask(mask=mask):
+                    values[name] = pyro.sample(
+                        name, dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
+                    )
+        return values
+
+
+def _conditionals(graph: FactorGraph) -> dict[str, tuple[str | None, torch.Tensor]]:
+    """log q(z_j | z_parent, x) of every site: ``(parent or None, logits)`` with logits of
+    shape (plate..., K_parent, K_j) (or (plate..., K_j) without a parent).
+
+    Exact when each site's earlier neighbours in the factor graph are its own factor's
+    (chains and trees in program order); ``ValueError`` naming the fix otherwise.
+    """
+    scopes, order = graph.scopes(), {n: j for j, n in enumerate(graph.sites)}
+    out = {}
+    for name in graph.sites:
+        earlier = set().union(*(s for s in scopes.values() if name in s)) - {name}
+        earlier = {n for n in earlier if order[n] < order[name]}
+        parents = graph.parents(name)
+        if not earlier <= set(parents) or len(parents) > 1:
+            raise ValueError(
+                f"latent site {name!r} depends on {sorted(earlier)} through other factors "
+                "than its own; the exact guide draws each site given one parent (a chain or "
+                "a tree in program order). Reorder the program so that each site's "
+                "distribution names the earlier site it depends on, or use a mixture's "
+                "single latent site."
+            )
+        m = graph.factor_marginals()[name]
+        symbol = graph.symbols[name]
+        plates = "".join(d for d in m._pyro_dims if d not in graph._sum_dims)
+        pa = graph.symbols[parents[0]] if parents else ""
+        table = contract(f"{m._pyro_dims}->{plates}{pa}{symbol}", m)
+        norm = table.sum(-1, keepdim=True)
+        uniform = torch.full_like(table, 1.0 / table.shape[-1])
+        probs = torch.where(
+            norm > 0, table / norm.clamp_min(torch.finfo(table.dtype).tiny), uniform
+        )
+        out[name] = (parents[0] if parents else None, probs.log())
+    return out
+
+
+def _expected_log_factors(model, graph: FactorGraph, args, kwargs, nesting: int) -> torch.Tensor:
+    """sum_f sum m_f log phi_f(theta) with the factors of ``model`` (None: theta~, the
+    graph's own), masked and with sample scales applied as in Pyro's ELBO."""
+    live = (
+        graph
+        if model is None
+        else enumerate_factors(model, *args, max_plate_nesting=nesting, partition=False, **kwargs)
+    )
+    total = 0.0
+    marginals = graph.factor_marginals()
+    for name, m in marginals.items():
+        site = live.trace.nodes[name]
+        log_phi = site["packed"]["log_prob"]  # scaled and masked
+        dims = getattr(log_phi, "_pyro_dims", "")
+        expr = f"{m._pyro_dims},{dims}->"
+        weighted = torch.where(m > 0, m, 0.0)
+        if isinstance(log_phi, torch.Tensor):
+            finite = torch.where(torch.isfinite(log_phi), log_phi, 0.0)
+            total = total + contract(expr, weighted, finite)
+        else:
+            total = total + weighted.sum() * float(log_phi)
+    return total
+
+
+def _joint_probs(joint: EnumeratedJoint) -> torch.Tensor:
+    """q(z | x) of a joint table: the table normalised over every latent site."""
+    return (joint.log_joint - joint.log_joint_normaliser()).exp()
+
+
+def _joint_scale(joint: EnumeratedJoint):
+    """The sample weights of a joint table (the scale of its first site), or 1."""
+    scale = joint.scales[0]
+    return scale if isinstance(scale, torch.Tensor) else float(scale)
+
+
+def _marginal_of_joint(joint: EnumeratedJoint, j: int) -> torch.Tensor:
+    """log p(z_j | x) of a joint table, shape (plate..., K_j)."""
+    table = joint.log_joint - joint.log_joint_normaliser()
+    for other in range(len(joint.sites) - 1, -1, -1):
+        if other != j:
+            table = table.logsumexp(dim=joint.enum_dim(other), keepdim=True)
+    table = table.movedim(joint.enum_dim(j), -1)
+    return table.reshape(table.shape[len(joint.sites) - 1 :])

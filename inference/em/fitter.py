@@ -9,6 +9,7 @@ warning live here once.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
 import os
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
+from torch.distributions import constraints
 
 from ...guides import ExactGaussianPosterior, ExactPosterior
-from ...models.base import MixtureModel, as_tensor, check_seed
+from ...models.base import MixtureModel, as_data_tensor, as_tensor, check_seed
 from ...models.hmm import HiddenMarkovModel, check_lengths
 from ...models.linear_gaussian import LinearGaussian
 from .data import (
@@ -261,11 +263,21 @@ class Fitter:
             if not isinstance(guide, ExactPosterior) or guide.model is not model:
                 raise ValueError("guide must be ExactPosterior(model) for this same model")
             methods = INIT_METHODS
+        elif isinstance(guide, ExactPosterior) and guide.model is model:
+            # any other program whose latents Pyro can enumerate: the gradient M-step
+            if init not in ("kmeans++", None) or m_step == "closed-form":
+                raise ValueError(
+                    f"{type(model).__name__} has no init methods or closed form of its own: "
+                    "EM starts it from its current parameters and takes gradient M-steps "
+                    "(m_step='auto' or 'gradient', no init)"
+                )
+            init, methods = "kmeans++", ("kmeans++",)
         else:
             raise ValueError(
                 f"{type(self).__name__} fits mixtures (a MixtureModel), PPCA and factor "
-                f"analysis, hidden Markov models; got {type(model).__name__}. PPCA and "
-                "factor analysis: EM(model, ExactGaussianPosterior(model)); a VAE: "
+                f"analysis, hidden Markov models, and any program whose latents Pyro can "
+                f"enumerate (with ExactPosterior(model)); got {type(model).__name__}. PPCA "
+                "and factor analysis: EM(model, ExactGaussianPosterior(model)); a VAE: "
                 "SVITrainer(model, AmortizedNormal(...))"
             )
         if callback is not None and not callable(callback):
@@ -312,11 +324,12 @@ class Fitter:
         """
         start = time.perf_counter()
         model = self.model
-        saved = copy.deepcopy(model.state_dict()) if model.is_built else None
+        built = getattr(model, "is_built", True)
+        saved = copy.deepcopy(model.state_dict()) if built else None
         try:
             best = self._fit(x, sample_weight, lengths)
         except BaseException:
-            if saved is not None and model.is_built:
+            if saved is not None and getattr(model, "is_built", True):
                 model.load_state_dict(saved)  # nothing half-fitted is left behind
             elif saved is None:
                 model.unbuild()  # a model without parameters before stays without them
@@ -334,7 +347,7 @@ class Fitter:
 
     def _fit(self, x, sample_weight, lengths=None) -> EMResult:
         model, guide = self.model, self.guide
-        warm = self.warm_start and model.is_built
+        warm = self.warm_start and getattr(model, "is_built", True)
         self._weight_scale = 1.0 if getattr(self, "distributed", False) else None
         if self.family.sequences or getattr(model, "validate_sequences", None) is not None:
             source = self._sequence_source(x, sample_weight, lengths, reset=not warm)
@@ -381,7 +394,7 @@ class Fitter:
     def _source(self, x, sample_weight, reset: bool) -> DataSource:
         """The data as a :class:`~.chunks.DataSource`; in-memory data are checked here."""
         if not is_chunked(x):
-            x = self.model.validate_data(x, reset=reset)
+            x = _validated(self.model, x, reset)
             w = self._scale_weights(check_sample_weight(sample_weight, x.shape[0], x.dtype))
             x, w = drop_zero_weights(x, w)
             self._check_samples(x.shape[0])
@@ -542,7 +555,7 @@ class Fitter:
         self._check_finite(restore=False)
 
     def _check_finite(self, restore: bool = True) -> None:
-        if all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if parameters_finite(self.model):
             return
         if restore and self.guide.frozen:
             self.model.load_state_dict(self.guide.twin.state_dict())
@@ -552,12 +565,48 @@ class Fitter:
         )
 
 
+def parameters_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter is finite; -inf is allowed where a simplex's unconstrained
+    logits hold an exact zero probability (a forbidden transition stays forbidden)."""
+    for sub in module.modules():
+        simplex = {
+            name + "_unconstrained"
+            for name, (constraint, _) in getattr(sub, "_pyro_params", {}).items()
+            if constraint is constraints.simplex
+        }
+        for name, p in sub.named_parameters(recurse=False):
+            ok = ~torch.isnan(p) & (p < math.inf) if name in simplex else torch.isfinite(p)
+            if not bool(ok.all()):
+                return False
+    return True
+
+
 def _is_floating(values) -> bool:
     """Whether weights given in a chunk are floating point (not labels or counts of a loader)."""
     dtype = getattr(values, "dtype", None)
     if isinstance(dtype, torch.dtype):
         return dtype.is_floating_point
     return np.issubdtype(np.asarray(values).dtype if dtype is None else dtype, np.floating)
+
+
+def _validated(model, x, reset: bool) -> torch.Tensor:
+    """``x`` checked by the model's own ``validate_data`` (``reset`` where it takes it)."""
+    validate = getattr(model, "validate_data", None)
+    if validate is None:
+        return _checked_tensor(x)
+    if "reset" in inspect.signature(validate).parameters:
+        return validate(x, reset=reset)
+    return validate(x)
+
+
+def _checked_tensor(x) -> torch.Tensor:
+    """Data for a program with no checks of its own: real numbers, finite, a tensor."""
+    t = as_data_tensor(x)
+    if t.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(t.shape)}); pass at least one sample.")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("x contains NaN or inf; remove or impute those entries before fitting.")
+    return t
 
 
 #: the name this class had when it fitted mixtures only

@@ -1,13 +1,20 @@
-"""The generic M-step: maximise Pyro's ELBO over theta with the guide frozen (generalised EM).
+"""The generic M-step: maximise Q(theta~, theta) with the exact guide frozen (generalised EM).
 
-With q_d = p(z | x_d; theta~) held fixed by the guide, ``TraceEnum_ELBO`` returns
-sum_d LB_d(q_d, theta) exactly (z is enumerated, not sampled), and
+With q = p(z | x; theta~) held fixed by the guide, the bound of every datum is
 
-    argmax_theta sum_d LB_d(q_d, theta) = argmax_theta Q(theta~, theta)   (EM-1 step 2, EM-2)
+    LB(q, theta) = Q(theta~, theta) + H(q),   Q(theta~, theta) = E_q[log p(x, z; theta)]
 
-because the entropy of q does not depend on theta. Any component family gets EM this way,
-with no code of its own. L-BFGS on the unconstrained parameters; each call at least
-does not decrease the bound, which is all EM-MONO needs.
+(LB-1), and H(q) does not depend on theta, so
+
+    argmax_theta LB(q, theta) = argmax_theta Q(theta~, theta)        (EM-1 step 2, EM-2, HMM-Q)
+
+``ExactPosterior.expected_log_joint`` computes Q exactly from the frozen marginals and the
+live model's enumerated log-probabilities: a mixture's from its joint table, a chain's
+(``pyro.markov``) from its factors. Q + H is Pyro's ``TraceEnum_ELBO`` with the guide
+frozen (tests check it to 1e-10), so this is "Pyro's ELBO maximised over theta", with the
+constant entropy left out. Any component family, and any program whose latents Pyro can
+enumerate, gets EM this way with no code of its own. L-BFGS on the unconstrained
+parameters; each call at least does not decrease the bound, which is all EM-MONO needs.
 """
 
 from __future__ import annotations
@@ -34,72 +41,74 @@ def elbo_loss(
 def gradient_m_step(
     model,
     guide,
-    x: torch.Tensor,
-    sample_weight: torch.Tensor | None = None,
-    *,
+    *args,
     max_iter: int = 50,
     tolerance_grad: float | None = None,
 ) -> float:
-    """Maximise Pyro's ELBO over the model's parameters with ``guide`` frozen.
+    """Maximise Q(theta~, theta) over the model's parameters with ``guide`` frozen.
 
     Parameters
     ----------
     model, guide:
-        The Pyro program and a guide holding q fixed (an :class:`ExactPosterior` after
-        ``refresh`` or ``fix``).
-    x:
-        Data, shape (N, D).
-    sample_weight:
-        Optional weights, shape (N,).
+        The Pyro program and its :class:`~elbolab.guides.ExactPosterior` holding q fixed
+        (after ``refresh`` or ``fix`` on the same arguments).
+    *args:
+        The program's arguments: ``x`` (N, D) and ``sample_weight`` (N,) or None for a
+        mixture; ``x`` and ``lengths`` for a hidden Markov model; whatever a user's
+        program takes.
     max_iter:
         L-BFGS iterations.
 
     Returns
     -------
-    The bound after the step, per unit weight: sum_d w_d LB_d / sum_d w_d.
+    The bound after the step, per unit weight: (Q + H(q)) / sum_d w_d.
     """
-    total = float(x.shape[0] if sample_weight is None else sample_weight.sum())
+    x = args[0]
+    weight = args[1] if len(args) > 1 and isinstance(model, MixtureModel) else None
+    total = float(x.shape[0] if weight is None else weight.sum())
+    entropy = guide.entropy(*args)
     params = [p for p in model.parameters() if p.requires_grad]
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     if tolerance_grad is None:
-        tolerance_grad = 1e-10 if x.dtype == torch.float64 else 1e-6
+        tolerance_grad = 1e-10 if dtype == torch.float64 else 1e-6
     optimizer = torch.optim.LBFGS(
         params,
         lr=1.0,
         max_iter=max_iter,
         tolerance_grad=tolerance_grad,
-        tolerance_change=1e-15 if x.dtype == torch.float64 else 1e-9,
+        tolerance_change=1e-15 if dtype == torch.float64 else 1e-9,
         history_size=20,
         line_search_fn="strong_wolfe",
     )
     start = [p.detach().clone() for p in params]
 
+    def loss_now() -> torch.Tensor:
+        return -guide.expected_log_joint(*args) / total
+
     def closure():
         optimizer.zero_grad()
-        loss = elbo_loss(model, guide, x, sample_weight) / total
+        loss = loss_now()
         loss.backward()
         return loss
 
-    # (Pyro refuses to build a differentiable loss under no_grad, so evaluate with grad on.)
-    before = float(elbo_loss(model, guide, x, sample_weight).detach()) / total
+    before = float(loss_now().detach())
     optimizer.step(closure)
-    after = float(elbo_loss(model, guide, x, sample_weight).detach()) / total
+    after = float(loss_now().detach())
     with torch.no_grad():
         if not (after <= before) or any(not bool(torch.isfinite(p).all()) for p in params):
             # never worse than where we started (generalised EM), never NaN
             for p, p0 in zip(params, start, strict=True):
                 p.copy_(p0)
             after = before
-    return -after
+    return -after + entropy / total
 
 
 # ---------------------------------------------------------------------------- the family
 class GradientFamily(Family):
-    """Generalised EM for any model with an exact guide: the M-step maximises Pyro's ELBO
-    with the guide frozen (:func:`gradient_m_step`), so a family needs no code of its own.
-
-    The "statistics" are the data themselves (one chunk in memory) and the entropy of the
-    frozen q; Q(theta~, theta) = LB(q~, theta) - H(q~) is Pyro's ELBO less that entropy.
-    """
+    """Generalised EM for any model with an exact guide: the M-step maximises Q(theta~,
+    theta) with the guide frozen (:func:`gradient_m_step`), so a family needs no code of
+    its own. The "statistics" are the data themselves (one chunk in memory) and the entropy
+    of the frozen q."""
 
     additive = False
     kind = "gradient"
@@ -121,33 +130,44 @@ class GradientFamily(Family):
         if isinstance(em.init, dict):
             em.model.set_params(**em.init)
 
+    @staticmethod
+    def program_args(em, chunk: Chunk) -> tuple:
+        """The arguments the program takes for a chunk: (x, w) for a mixture, (x, lengths)
+        for a sequence model, (x,) for any other program."""
+        if isinstance(em.model, MixtureModel):
+            return (chunk.x, chunk.w)
+        if chunk.lengths is not None:
+            return (chunk.x, chunk.lengths)
+        return (chunk.x,)
+
     def e_step(self, em, chunk: Chunk, **plate) -> EChunk:
-        """Refresh the guide on the chunk; keep it with the entropy of q."""
+        """Refresh the guide on the chunk; keep the chunk with the entropy of q."""
         from .mixture import responsibilities
 
-        log_px, log_resp = responsibilities(em.guide, chunk.x, chunk.w, **plate)
-        q = log_resp.exp()
-        wq = q if chunk.w is None else q * chunk.w.unsqueeze(-1)
-        entropy = -float(torch.where(q > 0, wq * log_resp, 0.0).sum())
-        w = chunk.w
-        stats = {"x": chunk.x, "entropy": torch.tensor(entropy, dtype=torch.float64)}
-        stats |= {} if w is None else {"w": w}
-        log_lik = float(log_px.sum() if w is None else (log_px * w).sum())
-        return EChunk(stats, log_lik, entropy, chunk.weight, chunk.rows)
+        if plate or isinstance(em.model, MixtureModel):
+            log_px, log_resp = responsibilities(em.guide, chunk.x, chunk.w, **plate)
+            q = log_resp.exp()
+            wq = q if chunk.w is None else q * chunk.w.unsqueeze(-1)
+            entropy = -float(torch.where(q > 0, wq * log_resp, 0.0).sum())
+            w = chunk.w
+            log_lik = float(log_px.sum() if w is None else (log_px * w).sum())
+        else:
+            args = self.program_args(em, chunk)
+            em.guide.refresh(*args)
+            log_lik, entropy = em.guide.log_likelihood(*args), em.guide.entropy(*args)
+        return EChunk({"chunk": chunk}, log_lik, entropy, chunk.weight, chunk.rows)
 
     def m_step(self, em, stats: Stats, rows: float) -> None:
-        gradient_m_step(
-            em.model, em.guide, stats["x"], stats.get("w"), max_iter=em.gradient_max_iter
-        )
+        args = self.program_args(em, stats["chunk"])
+        gradient_m_step(em.model, em.guide, *args, max_iter=em.gradient_max_iter)
 
     def expected_log_joint(self, em, stats: Stats) -> float:
-        """Q(theta~, theta) = -(Pyro's ELBO loss with the frozen guide) - H(q~)."""
-        loss = elbo_loss(em.model, em.guide, stats["x"], stats.get("w"))
-        return -float(loss.detach()) - float(stats["entropy"])
+        """Q(theta~, theta) from the frozen guide."""
+        args = self.program_args(em, stats["chunk"])
+        return float(em.guide.expected_log_joint(*args).detach())
 
     def total_weight(self, stats: Stats) -> float:
-        w = stats.get("w")
-        return float(stats["x"].shape[0] if w is None else w.sum())
+        return stats["chunk"].weight
 
     def combine(self, a, b, alpha=1.0, beta=1.0):
         raise ValueError(

@@ -281,6 +281,8 @@ class EM(Fitter):
                     else "the data have no rows; pass at least one non-empty chunk."
                 )
         except ValueError as caught:
+            if not self.distributed:
+                raise
             error = caught
         if total is None:  # an empty shard still sends its zeros
             total = EChunk(family.empty_stats(self), 0.0, 0.0, 0.0, 0)
