@@ -368,19 +368,28 @@ def _expected_log_factors(model, graph: FactorGraph, args, kwargs, nesting: int)
         else enumerate_factors(model, *args, max_plate_nesting=nesting, partition=False, **kwargs)
     )
     total = 0.0
-    marginals = graph.factor_marginals()
-    for name, m in marginals.items():
-        site = live.trace.nodes[name]
-        log_phi = site["packed"]["log_prob"]  # scaled and masked
-        dims = getattr(log_phi, "_pyro_dims", "")
-        expr = f"{m._pyro_dims},{dims}->"
-        weighted = torch.where(m > 0, m, 0.0)
-        if isinstance(log_phi, torch.Tensor):
-            finite = torch.where(torch.isfinite(log_phi), log_phi, 0.0)
-            total = total + contract(expr, weighted, finite)
-        else:
-            total = total + weighted.sum() * float(log_phi)
+    for name, m in graph.factor_marginals().items():
+        log_phi = live.trace.nodes[name]["packed"]["log_prob"]  # scaled and masked
+        if not isinstance(log_phi, torch.Tensor):
+            total = total + m.sum() * float(log_phi)
+            continue
+        log_phi = _aligned(log_phi, m._pyro_dims)
+        # 0 log 0 = 0, and no gradient through configurations q gives no mass
+        total = total + (m * torch.where(m > 0, log_phi, 0.0)).sum()
     return total
+
+
+def _aligned(t: torch.Tensor, dims: str) -> torch.Tensor:
+    """A packed tensor laid out on ``dims`` (a superset of its own), size 1 where absent."""
+    own = t._pyro_dims
+    if own == dims:
+        return t
+    order = [own.index(d) for d in dims if d in own]
+    t = t.permute(order) if order != list(range(len(order))) else t
+    shape, present = [], iter(t.shape)
+    for d in dims:
+        shape.append(next(present) if d in own else 1)
+    return t.reshape(shape)
 
 
 def _joint_probs(joint: EnumeratedJoint) -> torch.Tensor:

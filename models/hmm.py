@@ -361,21 +361,36 @@ class HiddenMarkovModel(PyroModule):
 
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sequence of ``n`` frames by ancestral sampling: ``(x (n, D), z (n,))``."""
+        """One sequence of ``n`` frames by ancestral sampling: ``(x (n, D), z (n,))``.
+
+        The chain is drawn step by step (z_1 ~ pi, z_t ~ A[z_{t-1}]), then every frame from
+        its state's emission at once. ``seed`` fixes the draws without touching the
+        caller's random state.
+        """
         self._require_built()
         n = check_positive_int("n", n, "the number of frames to draw")
         seed = check_seed(seed)
-        mask = torch.ones(1, n, dtype=torch.bool)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            trace = poutine.trace(self._program).get_trace(None, mask)
-        x = torch.stack([trace.nodes[f"x_{t}"]["value"][0] for t in range(n)])
-        z = torch.stack([trace.nodes[f"z_{t}"]["value"][0] for t in range(n)])
+            uniform = torch.rand(n, dtype=self.dtype)
+            cumulative = self.transmat_.cumsum(-1)
+            z = torch.empty(n, dtype=torch.long)
+            z[0] = _draw(self.startprob_.cumsum(-1), uniform[0])
+            for t in range(1, n):
+                z[t] = _draw(cumulative[z[t - 1]], uniform[t])
+            params = self.emission._component_params()
+            x = self.emission._component_dist(**{k: v[z] for k, v in params.items()}).sample()
         return x.to(self.dtype), z
 
     def extra_repr(self) -> str:
         return f"n_components={self.n_components}, n_features={self.n_features_in_}"
+
+
+def _draw(cumulative: torch.Tensor, u: torch.Tensor) -> int:
+    """The category whose cumulative probability first exceeds ``u``."""
+    k = int(torch.searchsorted(cumulative, u.reshape(1), right=True))
+    return min(k, cumulative.shape[0] - 1)
 
 
 def pad_sequences(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
