@@ -3,7 +3,9 @@
 argv: data.npy out.pt scenario. Each rank fits its half of the rows (read in chunks) with
 ``EM(..., distributed=True)``; rank 0 saves the parameters and the result. Scenarios:
 ``ok``; ``nan`` (rank 1's shard has a NaN in its second chunk); ``empty`` (rank 1 gets no
-rows); ``die`` (rank 1 exits in the middle of the run).
+rows); ``die`` (rank 1 exits in the middle of the run); ``hmm`` (a GaussianHMM, each rank
+given whole sequences: data.npy.lengths.npy holds their lengths); ``ppca`` (factor
+analysis, its summary of each shard all-reduced).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import warnings
 import numpy as np
 import torch
 
-from elbolab.guides import ExactPosterior
+from elbolab.guides import ExactGaussianPosterior, ExactPosterior
 from elbolab.inference import EM
 from elbolab.inference import distributed as dist_ops
-from elbolab.models import GaussianMixture
+from elbolab.models import FactorAnalysis, GaussianHMM, GaussianMixture
+from families import hmm_start
 
 data_path, out_path, scenario = sys.argv[1:4]
 dist_ops.init(timeout_s=float(os.environ.get("TIMEOUT_S", "30")))
@@ -45,10 +48,26 @@ start = {  # a complete start: the same on every rank and in one process
     "means": torch.tensor(np.asarray(x[:3]) + 0.5),
     "covariances": torch.eye(x.shape[1], dtype=torch.float64).expand(3, -1, -1),
 }
+fit_args = {}
+if scenario in ("hmm", "ppca"):
+    model = (
+        GaussianHMM(3, "diag")
+        if scenario == "hmm"
+        else FactorAnalysis(x.shape[1], 2).double()
+    )
+    start = hmm_start(x) if scenario == "hmm" else "random"
+    if scenario == "hmm":  # whole sequences to each rank: the first half of them to rank 0
+        lengths = np.load(data_path + ".lengths.npy")
+        half = len(lengths) // 2
+        mine = lengths[:half] if rank == 0 else lengths[half:]
+        offset = 0 if rank == 0 else int(lengths[:half].sum())
+        shard = np.array(x[offset : offset + int(mine.sum())])
+        fit_args = {"lengths": mine}
 em = EM(
     model,
-    ExactPosterior(model),
+    ExactGaussianPosterior(model) if scenario == "ppca" else ExactPosterior(model),
     init=start,
+    seed=0,
     tol=0.0,
     max_iter=6,
     chunk_size=64,
@@ -59,7 +78,7 @@ em = EM(
 try:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tol=0: fixed iterations
-        result = em.fit(shard)
+        result = em.fit(shard, **fit_args)
 except Exception as error:  # report the class and message for the test to read
     print(f"rank {rank} {type(error).__name__}: {error}", flush=True)
     if not isinstance(error, dist_ops.RankFailure):  # a peer is gone: nothing to leave

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
@@ -100,3 +101,13 @@ class ExponentialMixture(MixtureModel):
     def _check_support(self, x, fitted):
         if bool((x < 0).any()):
             raise ValueError("ExponentialMixture needs non-negative data")
+
+
+def hmm_start(x) -> dict:
+    """A complete start for a 3-state diagonal GaussianHMM (the same on every rank)."""
+    return {
+        "startprob": np.full(3, 1 / 3),
+        "transmat": np.full((3, 3), 1 / 6) + np.eye(3) / 2,
+        "means": np.asarray(x[:3]) + 0.5,
+        "covariances": np.ones((3, x.shape[1])),
+    }

@@ -20,7 +20,7 @@ import pytest
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from elbolab.guides import ExactPosterior
+from elbolab.guides import ExactGaussianPosterior, ExactPosterior
 from elbolab.inference import EM
 from elbolab.models import GaussianMixture
 from families import sample_data
@@ -114,3 +114,35 @@ def test_a_rank_that_dies_stops_the_other_within_the_timeout(data, tmp_path):
     assert "timeout (10 s)" in text0
     assert time.perf_counter() - started < 10 + 30  # the timeout, plus start-up
     assert not out.exists()
+
+
+def test_two_processes_fit_a_hidden_markov_model_and_factor_analysis(tmp_path):
+    """Baum-Welch with whole sequences on each of 2 ranks, and factor analysis with each
+    rank's summary of its rows: the one-process fits to 1e-10."""
+    from elbolab.models import FactorAnalysis, GaussianHMM
+    from families import hmm_start
+
+    x = sample_data("gaussian-diag", 400).numpy()
+    lengths = np.array([90, 60, 50, 110, 40, 50])
+    data = tmp_path / "x.npy"
+    np.save(data, x)
+    np.save(str(data) + ".lengths.npy", lengths)
+    for scenario in ("hmm", "ppca"):
+        out = tmp_path / f"{scenario}.pt"
+        for code, text in _launch(data, out, scenario):
+            assert code == 0, text
+        two = torch.load(out, weights_only=True)
+        if scenario == "hmm":
+            model = GaussianHMM(3, "diag")
+            em = EM(model, ExactPosterior(model), init=hmm_start(x), tol=0.0, max_iter=6)
+            args = {"lengths": lengths}
+        else:
+            model = FactorAnalysis(x.shape[1], 2).double()
+            em = EM(model, ExactGaussianPosterior(model), seed=0, tol=0.0, max_iter=6)
+            args = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            one = em.fit(torch.from_numpy(x), **args)
+        for name, value in model.state_dict().items():
+            assert torch.allclose(two["state"][name], value, rtol=1e-10, atol=1e-10), name
+        assert np.allclose(two["lls"], one.log_likelihoods, rtol=1e-10, atol=0)

@@ -393,6 +393,9 @@ class EM(Fitter):
         can be read (in memory, a list of chunks, a ``.npy`` file); otherwise (a
         ``DataLoader``, a stream) in the order given, shuffled within each chunk."""
         B = self.batch_size
+        if self.family.sequences:
+            yield from self._sequence_minibatches(source, generator)
+            return
         if source.in_memory:
             order = torch.randperm(source.x.shape[0], generator=generator)
             for start in range(0, order.shape[0], B):
@@ -411,6 +414,22 @@ class EM(Fitter):
             for start in range(0, chunk.rows, B):
                 idx = order[start : start + B]
                 yield Chunk(chunk.x[idx], None if chunk.w is None else chunk.w[idx])
+
+    def _sequence_minibatches(self, source: DataSource, generator: torch.Generator):
+        """Minibatches of whole sequences, drawn at random (within each chunk of a file),
+        each of at least ``batch_size`` frames (or one sequence longer than that)."""
+        for chunk in self._chunks(source):
+            ends = chunk.lengths.cumsum(0)
+            starts = ends - chunk.lengths
+            order = torch.randperm(len(chunk.lengths), generator=generator)
+            picked, rows = [], 0
+            for i in order.tolist():
+                picked.append(i)
+                rows += int(chunk.lengths[i])
+                if rows >= self.batch_size or i == int(order[-1]):
+                    index = torch.cat([torch.arange(starts[j], ends[j]) for j in picked])
+                    yield Chunk(chunk.x[index], None, chunk.lengths[picked])
+                    picked, rows = [], 0
 
     def _run_stochastic(self, source: DataSource, desc: str) -> EMResult:
         """Cappe & Moulines online EM, or minibatch SVI without closed-form sums."""
