@@ -2,6 +2,8 @@
 
 - :func:`load_faithful` -- Old Faithful (272 x 2), bundled with its provenance
   (``data/PROVENANCE.md``);
+- :func:`load_nile` -- the annual flow of the Nile, 1871-1970 (100 x 1, a time series),
+  bundled with its provenance;
 - :func:`load_iris`, :func:`load_digits` -- scikit-learn's bundled copies;
 - :func:`make_mixture` -- synthetic samples from a mixture with known parameters;
 - :func:`train_val_test_split`, :func:`load_digits_split` -- seeded train/validation/test splits;
@@ -51,6 +53,20 @@ def load_faithful() -> Dataset:
     )
 
 
+def load_nile() -> Dataset:
+    """The annual flow of the Nile at Aswan, 1871-1970: ``data`` (100, 1) the volume in
+    10^8 m^3, ``target`` (100,) the year. One sequence: a level change near 1898."""
+    with resources.files(__name__).joinpath("data/nile.csv").open() as f:
+        rows = list(csv.reader(f))
+    values = np.array(rows[1:], dtype=np.float64)
+    return Dataset(
+        torch.as_tensor(values[:, 1:]),
+        torch.as_tensor(values[:, 0], dtype=torch.long),
+        rows[0][1:],
+        "Annual flow of the Nile at Aswan, 1871-1970 (Cobb 1978; statsmodels' copy)",
+    )
+
+
 def load_iris() -> Dataset:
     """Fisher's iris (150 x 4, three species), scikit-learn's bundled copy."""
     from sklearn.datasets import load_iris as _load
@@ -83,7 +99,12 @@ def load_digits(binarize: bool = False) -> Dataset:
     )
 
 
-LOADERS = {"faithful": load_faithful, "iris": load_iris, "digits": load_digits}
+LOADERS = {
+    "faithful": load_faithful,
+    "iris": load_iris,
+    "digits": load_digits,
+    "nile": load_nile,
+}
 
 
 def load(name: str, **kwargs) -> Dataset:
@@ -104,6 +125,7 @@ def make_mixture(model, n: int, seed: int = 0) -> Dataset:
 
 
 __all__ = [
+    "load_nile",
     "Dataset",
     "DownloadError",
     "download_mnist",

@@ -37,3 +37,14 @@ def test_sklearn_sets_through_one_interface():
 def test_make_mixture_has_known_components():
     d = make_mixture(fitted_model("poisson"), 100, seed=0)
     assert d.data.shape == (100, 3) and d.target.shape == (100,)
+
+
+def test_nile_is_bundled_with_its_years():
+    """The Nile series: 100 annual volumes (10^8 m^3) for the years 1871..1970, offline."""
+    from elbolab.datasets import load, load_nile
+
+    nile = load_nile()
+    assert nile.data.shape == (100, 1) and nile.data.dtype == torch.float64
+    assert nile.target.tolist() == list(range(1871, 1971))
+    assert float(nile.data[0, 0]) == 1120.0 and float(nile.data[-1, 0]) == 740.0
+    assert nile.feature_names == ["volume"] and torch.equal(load("nile").data, nile.data)

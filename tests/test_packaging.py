@@ -45,6 +45,7 @@ def test_wheel_holds_only_the_elbolab_namespace(wheel):
     for sub in ("models", "guides", "inference", "datasets"):
         assert f"elbolab/{sub}/__init__.py" in names
     assert "elbolab/datasets/data/faithful.csv" in names
+    assert "elbolab/datasets/data/nile.csv" in names
     assert "elbolab/datasets/data/PROVENANCE.md" in names
 
 
