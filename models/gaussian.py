@@ -115,6 +115,62 @@ class ComponentMultivariateNormal(dist.MultivariateNormal):
         return -0.5 * (D * math.log(2 * math.pi) + maha) - half_log_det
 
 
+class ComponentDiagonalNormal(dist.Independent):
+    """``Normal(loc, scale).to_event(1)`` whose ``log_prob`` scores K components against N
+    points as a table with two matrix products.
+
+    When every component meets every point -- ``loc`` (K, D) against ``value`` (N, 1, D),
+    as a hidden Markov model's emissions are scored, or ``loc`` (K, 1, D) against (N, D)
+    under the mixture's enumeration -- torch's generic ``log_prob`` builds (N, K, D)
+    temporaries; here, about a centre c of the components (so that data far from the
+    origin keep their digits),
+
+        sum_j (x_j - mu_kj)^2 / s_kj^2 = (x - c)^2 . s_k^-2 - 2 (x - c) . (mu_k - c) s_k^-2
+                                         + sum_j (mu_kj - c_j)^2 / s_kj^2.
+
+    Any other shape falls back to torch's implementation.
+    """
+
+    def __init__(
+        self, loc: torch.Tensor, scale: torch.Tensor, validate_args: bool | None = None
+    ) -> None:
+        super().__init__(dist.Normal(loc, scale), 1, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> ComponentDiagonalNormal:
+        shape = torch.Size(batch_shape) + self.event_shape
+        return ComponentDiagonalNormal(
+            self.base_dist.loc.expand(shape),
+            self.base_dist.scale.expand(shape),
+            validate_args=self._validate_args if "_validate_args" in vars(self) else None,
+        )
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        loc, scale = self.base_dist.loc, self.base_dist.scale
+        if self._validate_args:
+            self._validate_sample(value)
+        if value.dim() == 3 and value.shape[1] == 1 and loc.dim() == 2 and scale.dim() == 2:
+            return self._table(value[:, 0], loc, scale)  # (N, K)
+        if (
+            value.dim() == 2
+            and loc.dim() == 3
+            and scale.dim() == 3
+            and (loc.shape[1] == 1 or loc.stride(1) == 0)  # (K, 1, D), or broadcast over N
+            and (scale.shape[1] == 1 or scale.stride(1) == 0)
+            and self.batch_shape[-1] in (1, value.shape[0])
+        ):
+            return self._table(value, loc[:, 0], scale[:, 0]).T  # (K, N)
+        return super().log_prob(value)
+
+    def _table(self, x: torch.Tensor, mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        centre = mu.detach().mean(0)
+        xc, mc = x - centre, mu - centre
+        precision = s.pow(-2)  # (K, D)
+        quad = xc.square() @ precision.T - 2 * xc @ (mc * precision).T
+        quad = quad + (mc.square() * precision).sum(-1)
+        D = x.shape[-1]
+        return -0.5 * quad - s.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
+
+
 class GaussianMixture(MixtureModel):
     """Mixture of Gaussians, p(x) = sum_k pi_k N(x; mu_k, Sigma_k).
 
@@ -182,7 +238,7 @@ class GaussianMixture(MixtureModel):
     def _component_dist(self, loc, scale_tril=None, scale=None) -> dist.TorchDistribution:
         if scale_tril is not None:
             return ComponentMultivariateNormal(loc, scale_tril=scale_tril)
-        return dist.Normal(loc, scale).to_event(1)
+        return ComponentDiagonalNormal(loc, scale)
 
     def _n_component_parameters(self) -> int:
         K, D = self.n_components, self.n_features_in_

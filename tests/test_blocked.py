@@ -91,3 +91,28 @@ def test_singular_floor_is_eps_times_the_largest_feature_variance():
     floor = GaussianStatistics._singular_floor(stats, means, scatter)
     eps = torch.finfo(torch.float64).eps
     assert floor == pytest.approx(eps * float(x.var(0, unbiased=False).max()), rel=1e-10)
+
+
+@pytest.mark.parametrize("d", [1, 4])
+def test_diagonal_table_equals_torch(d):
+    """Diagonal components scored as a table by two products: torch's log_prob (and its
+    gradient) to 1e-10, in the mixture's enumerated layout (K, 1, D) against (N, D) (also as
+    the plate expands it) and in a hidden Markov model's (K, D) against (N, 1, D); also for
+    data far from the origin (the products are taken about the components' centre)."""
+    from elbolab.models.gaussian import ComponentDiagonalNormal
+
+    g = torch.Generator().manual_seed(1)
+    for offset in (0.0, 1e6):
+        x = torch.randn(N, d, generator=g, dtype=torch.float64) * 2 + offset
+        loc = (torch.randn(K, d, generator=g, dtype=torch.float64) + offset).requires_grad_()
+        scale = (torch.rand(K, d, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+        ref = dist.Normal(loc.unsqueeze(1), scale.unsqueeze(1)).to_event(1).log_prob(x)
+        ours = ComponentDiagonalNormal(loc.unsqueeze(1), scale.unsqueeze(1))
+        for table in (ours.log_prob(x), ours.expand((K, N)).log_prob(x)):
+            assert torch.allclose(table, ref, rtol=1e-10, atol=1e-8 if offset else 1e-10)
+        frames = ComponentDiagonalNormal(loc, scale).log_prob(x.unsqueeze(-2))  # (N, K)
+        assert torch.allclose(frames, ref.T, rtol=1e-10, atol=1e-8 if offset else 1e-10)
+        grads = torch.autograd.grad(frames.sum(), [loc, scale])
+        expected = torch.autograd.grad(ref.sum(), [loc, scale])
+        for a, b in zip(grads, expected, strict=True):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-6 if offset else 1e-9)
