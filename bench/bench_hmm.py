@@ -31,8 +31,8 @@ every library alike:
   forward-backward and M-step work.
 
 The final log-likelihoods per frame are printed beside the times (elbolab's and hmmlearn's
-agree to rounding: the same update from the same start). Ratio = their time / elbolab's; above 1 means
-elbolab is faster.
+agree to rounding: the same update from the same start). Ratio = their time / elbolab's;
+above 1 means elbolab is faster.
 """
 
 from __future__ import annotations
