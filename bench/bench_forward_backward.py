@@ -27,10 +27,12 @@ the summed xi (K, K) -- the E-step of Baum-Welch given the emission log-probabil
   (S, T, K) log-emissions, the model cast to float64 (``.to(torch.float64)``: otherwise its
   backward lattice is float32), ``ends`` = 1 so that its log p is hmmlearn's.
 
-Every result is checked against elbolab's: the largest relative difference of log p, the
-largest absolute difference of gamma and the largest relative difference of xi_sum, which
-should stay below 1e-8 ("ok"). torch runs with ``--threads`` threads (default 1: hmmlearn's
-kernels are single-threaded); pomegranate is torch, so it gets the same.
+Every result is checked against elbolab's: the largest relative difference of log p and
+the largest absolute difference of gamma must stay below 1e-8 ("ok"); the largest relative
+difference of xi_sum is shown too (hmmlearn's ``compute_log_xi_sum`` carries the rounding of
+its unnormalised log lattices, ~1e-8 on 10^5 frames). elbolab's kernels run on one thread
+whatever torch's setting (they set it for the call); ``--threads`` (default 1, as hmmlearn's
+single-threaded kernels) is torch's setting, which pomegranate uses.
 """
 
 from __future__ import annotations
@@ -254,7 +256,7 @@ def main() -> None:
         ours = rows["elbolab"][0]
         name = f"({label}) {sequences} x {frames:,}, K={K}"
         for lib, (seconds, (d_ll, d_gamma, d_xi)) in rows.items():
-            ok = "-" if lib == "elbolab" else ("ok" if max(d_ll, d_gamma, d_xi) < AGREE else "NO")
+            ok = "-" if lib == "elbolab" else ("ok" if max(d_ll, d_gamma) < AGREE else "NO")
             print(
                 f"{name:<26} {lib:<19} {seconds:>9.4f} {seconds / ours:>10.2f} "
                 f"{d_ll:>9.1e} {d_gamma:>9.1e} {d_xi:>9.1e}  {ok}"
@@ -264,8 +266,9 @@ def main() -> None:
             print(f"{'':<26} {'pomegranate':<19} unavailable ({why})")
     print(
         f"\nx elbolab: the library's time over elbolab's (> 1: elbolab is faster). d log p, "
-        f"d xi_sum: largest relative difference from elbolab; d gamma: largest absolute one. "
-        f"Best of {args.repeats}; {time.perf_counter() - t_start:.0f} s in all."
+        f"d xi_sum: largest relative difference from elbolab; d gamma: largest absolute one; "
+        f"agree: d log p and d gamma < {AGREE:g}. Best of {args.repeats}; "
+        f"{time.perf_counter() - t_start:.0f} s in all."
     )
 
 

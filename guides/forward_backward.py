@@ -35,8 +35,10 @@ Arithmetic. Two exact evaluations of (HMM-FB.1-2):
   probabilities and every step is a matrix product. Then beta_t(j) / beta_t(j') and
   alpha_t(k) / b_t(k) over states stay within 1/a, so gamma_t(k) <= b_t(k) / a^2: an entry
   that underflows (below ~e^-708 of its frame) carries posterior mass below e^-400 and
-  flushing it changes nothing, however sharp the emissions. The messages lose at most a
-  factor e^-(2M + log K) per step and are renormalised every few steps (``_period``).
+  flushing it changes nothing, however sharp the emissions. (At the first frame of a
+  sequence pi is folded into b before the rescaling, so no lower bound on pi is needed.)
+  The messages lose at most a factor e^-(2M + log K) per step and are renormalised every
+  few steps (``_period``).
 * log space otherwise (zeros or tiny entries in A: left-right and banded models): the
   messages are logarithms, and each product log(exp(x) A) is a matrix product of the
   row-shifted exp(x - max x) whose entries that come out below 1e-250 (fed only by states
@@ -521,35 +523,31 @@ class _Scaled:
     beta: torch.Tensor  # (L, K, C) beta~_t
     weighted: torch.Tensor  # (L, K, C) b_t o beta~_t
     log_s: torch.Tensor  # (L, C) log s_t
+    shift: torch.Tensor  # (N,) m_t of every frame
 
 
 def _scaled_forward(
-    b: torch.Tensor,
-    layout: _Layout,
-    a_t: torch.Tensor,
-    pi: torch.Tensor,
-    alpha_in: torch.Tensor,
-    period: int,
+    b: torch.Tensor, layout: _Layout, a_t: torch.Tensor, alpha_in: torch.Tensor, period: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(HMM-FB.1) in every row at once: alpha~ (L, K, C) and log s_t (L, C).
 
     State-major: a step is the wide product A^T alpha~ (K, K) @ (K, C), twice as fast as
     (C, K) @ (K, K) for narrow K. ``b`` (L, K, C) the rescaled emissions; ``alpha_in``
-    (K, C) the message before step 0, columns summing to one. With all A_jk >= e^-M a
-    message loses at most a factor e^-(2M + log K) per step, so renormalising every
-    ``period`` steps keeps it far from underflow.
+    (K, C) the message before step 0, columns summing to one. At the first frame of a
+    sequence b already holds pi o b (see :func:`_rescaled_emissions`). With all
+    A_jk >= e^-M a message loses at most a factor e^-(2M + log K) per step, so
+    renormalising every ``period`` steps keeps it far from underflow.
     """
     steps, k, rows = b.shape
     alpha = torch.empty_like(b)
     log_s = b.new_zeros(steps, rows)
-    pi_col = pi[:, None]
     prev = alpha_in
     cells, emit = alpha.unbind(0), b.unbind(0)  # views made once: indexing costs per step
     for i in range(steps):
         cur = cells[i]
         torch.mm(a_t, prev, out=cur)  # (alpha~_t-1 A)^T
         if layout.reset_steps[i]:
-            cur[:, layout.reset_rows[i]] = pi_col  # a new sequence: the past is dropped
+            cur[:, layout.reset_rows[i]] = 1.0  # a new sequence: the past is dropped
         cur.mul_(emit[i])  # o b_t
         if (i + 1) % period == 0:
             s = cur.sum(0)
@@ -584,7 +582,7 @@ def _scaled_backward(
 
 
 def _scaled_products(
-    b: torch.Tensor, layout: _Layout, a_t: torch.Tensor, pi: torch.Tensor, period: int
+    b: torch.Tensor, layout: _Layout, a_t: torch.Tensor, period: int
 ) -> torch.Tensor:
     """Every block's transfer product P_c (C, K, K), up to one positive factor per block.
 
@@ -598,12 +596,11 @@ def _scaled_products(
     x = torch.eye(k, dtype=b.dtype, device=b.device)[:, :, None].expand(k, k, rows).contiguous()
     nxt = torch.empty_like(x)
     emit = b[:, :, None, :].unbind(0)
-    pi_col = pi[:, None, None]
     for i in range(steps):
         torch.mm(a_t, x.view(k, k * rows), out=nxt.view(k, k * rows))  # (P A)^T
-        if layout.reset_steps[i]:  # (P 1 pi^T)^T where the step is a reset
+        if layout.reset_steps[i]:  # (P 1 1^T)^T where the step is a reset (pi is in b)
             here = layout.reset_rows[i]
-            nxt[:, :, here] = x[:, :, here].sum(0, keepdim=True) * pi_col
+            nxt[:, :, here] = x[:, :, here].sum(0, keepdim=True)
         nxt.mul_(emit[i])  # (... diag(b_t))^T
         if (i + 1) % period == 0 or i == steps - 1:
             nxt.div_(nxt.sum((0, 1), keepdim=True))
@@ -651,45 +648,54 @@ def _scaled_boundaries(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _period(chain: _Chain) -> int:
-    """Steps between renormalisations of the scaled messages and products."""
+    """Steps between renormalisations of the scaled messages and products.
+
+    Over that many steps a message falls by at most e^-250 (e^-(2M + log K) per step), so
+    its entries, their products in (HMM-FB.5) and 1 / (s_t omega_t) stay within e^+-650.
+    """
     nats = 2.0 * max(1.0, -float(chain.log_a.min())) + math.log(chain.k)
-    return max(1, min(16, int(300.0 / nats)))
+    return max(1, min(16, int(250.0 / nats)))
 
 
-def _rescaled_emissions(chain: _Chain, layout: _Layout) -> torch.Tensor:
-    """b_t = exp(log p_k(x_t) - m_t) at every cell, state-major (L, K, C); padding b = 1."""
+def _rescaled_emissions(chain: _Chain, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """b at every cell, state-major (L, K, C), and the per-frame shifts m_t (N,).
+
+    b_t = exp(log p_k(x_t) - m_t) with m_t = max_k log p_k(x_t), except at the first frame of
+    a sequence, where pi is folded in: b_t = exp(log pi_k + log p_k(x_t) - m_t), m_t the
+    maximum of that. So the largest entry of every message after a reset is 1, however small
+    some pi_k are (the bounds of the scaled arithmetic need no lower bound on pi). Padding
+    cells hold b = 1.
+    """
     rows, steps = layout.shape
     k, n = chain.k, chain.n
-    log_b, m = chain.log_b, chain.frame_max
-    if layout.chained:
-        extra = rows * steps - n
-        if extra:
-            log_b = torch.cat([log_b, log_b.new_zeros(extra, k)])
-            m = torch.cat([m, m.new_zeros(extra)])
-    elif layout.valid is not None:  # sequences of unequal lengths, left-padded
-        index = layout.index.reshape(-1)
-        log_b = torch.cat([log_b, log_b.new_zeros(1, k)])[index]
-        m = torch.cat([m, m.new_zeros(1)])[index]
-    b = (log_b - m[:, None]).exp_()  # (C L, K), frame-major
+    first = chain.first
+    shift = chain.frame_max.clone()
+    shift[first] = _finite_or_zero((chain.log_b[first] + chain.log_pi).amax(1))  # -inf: p = 0
+    b = chain.log_b.new_empty(rows * steps if layout.chained else n, k)
+    torch.sub(chain.log_b, shift[:, None], out=b[:n])
+    b[first] += chain.log_pi
+    b[n:] = 0.0  # the padding of the chain
+    if not layout.chained and layout.valid is not None:  # unequal lengths, left-padded
+        b = torch.cat([b, b.new_zeros(1, k)])[layout.index.reshape(-1)]
+    b.exp_()  # (C L, K), frame-major
     # to state-major by a 2-D transposed copy (see _state_frames)
-    return b.view(rows, steps * k).t().contiguous().view(steps, k, rows)
+    return b.view(rows, steps * k).t().contiguous().view(steps, k, rows), shift
 
 
 def _scaled_messages(chain: _Chain, layout: _Layout) -> _Scaled:
     """The scaled messages at every cell (dense A)."""
-    b = _rescaled_emissions(chain, layout)
+    b, shift = _rescaled_emissions(chain, layout)
     a = chain.log_a.exp()
     a_t = a.T.contiguous()
-    pi = chain.log_pi.exp()
     rows = layout.shape[0]
     period = _period(chain)
     if layout.chained and rows > 1:
-        p = _scaled_products(b, layout, a_t, pi, period)
+        p = _scaled_products(b, layout, a_t, period)
         alpha_in, beta_out = _scaled_boundaries(p)
     else:
         alpha_in = b.new_full((chain.k, rows), 1.0 / chain.k)
         beta_out = b.new_full((chain.k, rows), 1.0 / chain.k)
-    alpha, log_s = _scaled_forward(b, layout, a_t, pi, alpha_in, period)
+    alpha, log_s = _scaled_forward(b, layout, a_t, alpha_in, period)
     beta = _scaled_backward(b, layout, a, beta_out, period)
     weighted = b  # overwritten by the backward sweep
     if layout.chained and rows > 1:
@@ -697,14 +703,14 @@ def _scaled_messages(chain: _Chain, layout: _Layout) -> _Scaled:
         # s_t of the first frame of block c (unless it is a reset, which drops the past)
         ends = alpha[-1, :, :-1].sum(0).log()
         log_s[0, 1:] += torch.where(layout.reset[0, 1:], 0.0, ends)
-    return _Scaled(alpha, beta, weighted, log_s)
+    return _Scaled(alpha, beta, weighted, log_s, shift)
 
 
 def _scaled_posterior(chain: _Chain, layout: _Layout, m: _Scaled, per_step_xi: bool):
     """log-likelihood, gamma, xi_sum and xi from the scaled messages (cells to frames)."""
     steps, k, rows = m.alpha.shape
     # (HMM-FB.3): log p(x) = sum_t (log s_t + m_t) + log sum_k alpha~_T(k)
-    loglik = _log_likelihood(chain, _frames(layout, m.log_s))
+    loglik = _log_likelihood(chain, _frames(layout, m.log_s), m.shift)
     if layout.chained:
         last = chain.first + torch.tensor(chain.lengths, device=chain.device) - 1
         ends = m.alpha[last % steps, :, last // steps]  # (S, K)
@@ -913,10 +919,13 @@ def _layout_for(chain: _Chain, mode: str | None, block_length: int | None, kind:
     raise ValueError(f"mode must be 'blocks' or 'side_by_side', got {mode!r}")
 
 
-def _log_likelihood(chain: _Chain, log_c: torch.Tensor) -> torch.Tensor:
+def _log_likelihood(
+    chain: _Chain, log_c: torch.Tensor, shift: torch.Tensor | None = None
+) -> torch.Tensor:
     """(HMM-FB.3) per sequence: sum over its frames of log c_t + m_t."""
+    shift = chain.frame_max if shift is None else shift
     total = log_c.new_zeros(len(chain.lengths))
-    return total.index_add_(0, chain.seq_id, log_c + chain.frame_max)
+    return total.index_add_(0, chain.seq_id, log_c + shift)
 
 
 def _zero_probability(chain: _Chain, loglik: torch.Tensor) -> None:

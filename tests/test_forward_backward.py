@@ -399,6 +399,29 @@ def test_zeros_stay_zeros():
             assert torch.isfinite(got.gamma).all() and torch.isfinite(got.xi_sum).all()
 
 
+@pytest.mark.parametrize("mode", ["side_by_side", "blocks"])
+def test_sequence_starts_far_from_the_best_emission(mode):
+    """A dense A but a first frame whose best emission has pi = 0 and whose possible states
+    are ~720 nats behind it (and a start probability of 1e-300): the scaled arithmetic
+    still matches the log-space one to 1e-12 (pi is folded in before the rescaling)."""
+    k = 3
+    log_pi_dense, log_a = random_hmm(k, seed=25)
+    lengths = [20, 30, 1]
+    log_b = emissions(sum(lengths), k, seed=26)
+    log_pi = torch.tensor([math.log(0.5), math.log(0.5), -INF], dtype=F64)
+    starts = [0, 20, 50]
+    log_b[starts] = torch.tensor([-720.0, -730.0, 0.0], dtype=F64)
+    for pi in (log_pi, torch.log_softmax(torch.tensor([0.0, -690.0, 0.0], dtype=F64), 0)):
+        chain = fb._prepare(pi, log_a, log_b, lengths)
+        assert fb._dense(chain)
+        ref = fb._forward_backward(chain, mode=mode, arithmetic="log", per_step_xi=True)
+        got = fb._forward_backward(chain, mode=mode, block_length=8, per_step_xi=True)
+        torch.testing.assert_close(got.log_likelihood, ref.log_likelihood, rtol=1e-14, atol=0)
+        for name in ("gamma", "xi_sum", "start", "xi"):
+            torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=0, atol=1e-12)
+    assert log_pi_dense.isfinite().all()
+
+
 # ========================================================================== hmmlearn
 @pytest.mark.parametrize("mode", ["side_by_side", "blocks"])
 def test_matches_hmmlearn_kernels(mode):
