@@ -534,7 +534,7 @@ def _scaled_forward(
     State-major: a step is the wide product A^T alpha~ (K, K) @ (K, C), twice as fast as
     (C, K) @ (K, K) for narrow K. ``b`` (L, K, C) the rescaled emissions; ``alpha_in``
     (K, C) the message before step 0, columns summing to one. At the first frame of a
-    sequence b already holds pi o b (see :func:`_rescaled_emissions`). With all
+    sequence b already holds pi o b (see :func:`_emission_cells`). With all
     A_jk >= e^-M a message loses at most a factor e^-(2M + log K) per step, so
     renormalising every ``period`` steps keeps it far from underflow.
     """
@@ -657,11 +657,11 @@ def _period(chain: _Chain) -> int:
     return max(1, min(16, int(250.0 / nats)))
 
 
-def _rescaled_emissions(chain: _Chain, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """b at every cell, state-major (L, K, C), and the per-frame shifts m_t (N,).
+def _emission_cells(chain: _Chain, layout: _Layout, exp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """b (or log b) at every cell, state-major (L, K, C), and the per-frame shifts m_t (N,).
 
-    b_t = exp(log p_k(x_t) - m_t) with m_t = max_k log p_k(x_t), except at the first frame of
-    a sequence, where pi is folded in: b_t = exp(log pi_k + log p_k(x_t) - m_t), m_t the
+    log b_t = log p_k(x_t) - m_t with m_t = max_k log p_k(x_t), except at the first frame of
+    a sequence, where pi is folded in: log b_t = log pi_k + log p_k(x_t) - m_t, m_t the
     maximum of that. So the largest entry of every message after a reset is 1, however small
     some pi_k are (the bounds of the scaled arithmetic need no lower bound on pi). Padding
     cells hold b = 1.
@@ -677,14 +677,15 @@ def _rescaled_emissions(chain: _Chain, layout: _Layout) -> tuple[torch.Tensor, t
     b[n:] = 0.0  # the padding of the chain
     if not layout.chained and layout.valid is not None:  # unequal lengths, left-padded
         b = torch.cat([b, b.new_zeros(1, k)])[layout.index.reshape(-1)]
-    b.exp_()  # (C L, K), frame-major
+    if exp:
+        b.exp_()  # (C L, K), frame-major
     # to state-major by a 2-D transposed copy (see _state_frames)
     return b.view(rows, steps * k).t().contiguous().view(steps, k, rows), shift
 
 
 def _scaled_messages(chain: _Chain, layout: _Layout) -> _Scaled:
     """The scaled messages at every cell (dense A)."""
-    b, shift = _rescaled_emissions(chain, layout)
+    b, shift = _emission_cells(chain, layout, exp=True)
     a = chain.log_a.exp()
     a_t = a.T.contiguous()
     rows = layout.shape[0]
@@ -752,36 +753,39 @@ _SAFE_SUM = 1e-250
 
 
 class _LogMatrix:
-    """A fixed matrix A given by log A, for exact products log(exp(X) A) of log-rows X.
+    """A fixed matrix A given by log A, for exact products log(A^T exp(X)) of log-columns X.
 
-    Each row is shifted by its maximum and multiplied in probability space (one matrix
+    Each column is shifted by its maximum and multiplied in probability space (one matrix
     product, as in pyro's ``_logmatmulexp``); an entry whose shifted sum falls below
-    ``_SAFE_SUM`` (its terms come only from states far below the row's best one, as in a
-    left-right model) and that is not a structural zero is recomputed by an exact
-    logsumexp. So every entry is exact to rounding, whatever the spread of a row.
+    ``_SAFE_SUM`` (its terms come only from states far below the column's best one, which
+    zeros in A make possible) and that is not a structural zero is recomputed by an exact
+    logsumexp. So every entry is exact to rounding, whatever the spread of a column.
     """
 
     def __init__(self, log_a: torch.Tensor) -> None:
-        self.log_a = log_a
-        self.log_a_t = log_a.T.contiguous()  # rows of the exact recomputation
-        self.a = log_a.exp()
+        self.log_a = log_a  # (K, K): the exact recomputation reads column k of log A
+        self.a_t = log_a.exp().T.contiguous()
         self.sparse = bool(torch.isneginf(log_a).any())
-        self.support = (log_a > -math.inf).to(log_a.dtype)
+        self.support_t = (log_a > -math.inf).to(log_a.dtype).T.contiguous()
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """log(exp(x) A) for log-rows x (R, K) -> (R, K)."""
-        shift = x.amax(-1, keepdim=True)
+    def left(self, x: torch.Tensor, keep_shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """log(A^T exp(x)) - shift for log-columns x (K, M), and shift (M,), the column maxima
+        of x (0 where a column is all -inf); with ``keep_shift`` the shift is added back."""
+        shift = x.amax(0)
         shift.masked_fill_(torch.isneginf(shift), 0.0)
-        r = torch.mm(torch.exp(x - shift), self.a)
-        out = torch.log(r).add_(shift)
+        r = torch.mm(self.a_t, torch.exp(x - shift))
+        out = torch.log(r)
         doubt = r < _SAFE_SUM
-        if self.sparse:  # a structural zero is exact already
-            doubt &= torch.mm((x > -math.inf).to(x.dtype), self.support) > 0
+        if self.sparse and bool(doubt.any()):  # a structural zero is exact already
+            doubt &= torch.mm(self.support_t, (x > -math.inf).to(x.dtype)) > 0
         where = doubt.nonzero()
         if where.numel():
-            rows, cols = where[:, 0], where[:, 1]
-            out[rows, cols] = torch.logsumexp(x[rows] + self.log_a_t[cols], -1)
-        return out
+            k, m = where[:, 0], where[:, 1]
+            exact = torch.logsumexp(self.log_a.T[k] + x[:, m].T, -1)
+            out[k, m] = exact - shift[m]
+        if keep_shift:
+            out.add_(shift)
+        return out, shift
 
 
 def _log_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -806,60 +810,69 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def _log_forward(
-    lb: torch.Tensor, layout: _Layout, a: _LogMatrix, log_pi: torch.Tensor, alpha_in
+    lb: torch.Tensor, layout: _Layout, a: _LogMatrix, alpha_in: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(HMM-FB.1) in log space, renormalised every step: log alpha^ (L, C, K), each row with
-    logsumexp 0, and log c_t (L, C, 1), the renormalisations (the s_t of HMM-FB.1)."""
+    """(HMM-FB.1) in log space, state-major: log alpha~ (L, K, C) and log s_t (L, C).
+
+    Each step divides the previous message by its maximum (log s_t = that maximum; 0 at a
+    reset, where the past is dropped and pi is already in b), so no separate
+    renormalisation is needed. ``lb`` (L, K, C) log b; ``alpha_in`` (K, C) the message
+    before step 0, each column with logsumexp 0.
+    """
     steps = lb.shape[0]
     alpha = torch.empty_like(lb)
-    norm = lb.new_empty(steps, lb.shape[1], 1)
+    log_s = lb.new_empty(steps, lb.shape[2])
     prev = alpha_in
-    cells, emit, norms = alpha.unbind(0), lb.unbind(0), norm.unbind(0)
+    cells, emit, scales = alpha.unbind(0), lb.unbind(0), log_s.unbind(0)
     for i in range(steps):
-        u = a.product(prev)  # log(alpha^_t-1 A)
+        cur, shift = a.left(prev, keep_shift=False)  # log(A^T alpha~_t-1) - log s_t
+        scales[i].copy_(shift)
         if layout.reset_steps[i]:
-            u[layout.reset_rows[i]] = log_pi
-        u.add_(emit[i])  # + log b_t
-        c = torch.logsumexp(u, -1, keepdim=True, out=norms[i])
-        prev = torch.sub(u, c, out=cells[i])
-    return alpha, norm
+            here = layout.reset_rows[i]
+            cur[:, here] = 0.0
+            scales[i][here] = 0.0
+        prev = torch.add(cur, emit[i], out=cells[i])
+    return alpha, log_s
 
 
 def _log_backward(
     lb: torch.Tensor, layout: _Layout, a_t: _LogMatrix, beta_out: torch.Tensor
 ) -> torch.Tensor:
-    """(HMM-FB.2) in log space: log beta^ (L, C, K), each row with maximum 0.
+    """(HMM-FB.2) in log space, state-major: log beta~ (L, K, C), any scale per cell.
 
-    ``a_t`` holds A transposed: log(A exp(y)) row by row is log(exp(y) A^T).
+    ``a_t`` holds A transposed: log(A exp(y)) column by column is log((A^T)^T exp(y)).
     """
     steps = lb.shape[0]
     beta = torch.empty_like(lb)
     beta[steps - 1] = beta_out
     cells, emit = beta.unbind(0), lb.unbind(0)
     for i in range(steps - 1, 0, -1):
-        v = a_t.product(cells[i] + emit[i])  # log A (b_t o beta^_t)
+        v, _ = a_t.left(cells[i] + emit[i], keep_shift=False)  # log A (b_t o beta~_t)
         if layout.reset_steps[i]:
-            v[layout.reset_rows[i]] = 0.0
-        torch.sub(v, _finite_or_zero(v.amax(-1, keepdim=True)), out=cells[i - 1])
+            v[:, layout.reset_rows[i]] = 0.0  # the last frame of a sequence
+        cells[i - 1].copy_(v)
     return beta
 
 
-def _log_products(
-    lb: torch.Tensor, layout: _Layout, a: _LogMatrix, log_pi: torch.Tensor
-) -> torch.Tensor:
-    """log P_c (C, K, K) of every block, exact, up to one additive constant per block."""
-    steps, rows, k = lb.shape
-    q = torch.full((rows, k, k), -math.inf, dtype=lb.dtype, device=lb.device)
-    q.diagonal(dim1=1, dim2=2).fill_(0.0)
+def _log_products(lb: torch.Tensor, layout: _Layout, a: _LogMatrix) -> torch.Tensor:
+    """log P_c (C, K, K) of every block, exact, up to one additive constant per block.
+
+    Built transposed, X[l, j, c] = log P_c[j, l], so that each step is one wide exact
+    product of :class:`_LogMatrix` over all blocks' rows at once.
+    """
+    steps, k, rows = lb.shape
+    x = torch.full((k, k, rows), -math.inf, dtype=lb.dtype, device=lb.device)
+    x.diagonal(dim1=0, dim2=1).fill_(0.0)
     emit = lb[:, :, None, :].unbind(0)
     for i in range(steps):
-        nxt = a.product(q.view(rows * k, k)).view(rows, k, k)  # log(P A)
-        if layout.reset_steps[i]:
+        nxt, _ = a.left(x.view(k, k * rows), keep_shift=True)  # log((P A)^T)
+        nxt = nxt.view(k, k, rows)
+        if layout.reset_steps[i]:  # log((P 1 1^T)^T) where the step is a reset (pi is in b)
             here = layout.reset_rows[i]
-            nxt[here] = torch.logsumexp(q[here], -1, keepdim=True) + log_pi  # log(P 1 pi^T)
+            nxt[:, :, here] = torch.logsumexp(x[:, :, here], 0, keepdim=True)
         nxt.add_(emit[i])
-        q = nxt.sub_(_finite_or_zero(nxt.amax((-1, -2), keepdim=True)))
-    return q
+        x = nxt.sub_(_finite_or_zero(nxt.amax((0, 1), keepdim=True)))
+    return x.permute(2, 1, 0).contiguous()
 
 
 def _log_scan(p: torch.Tensor, reverse: bool) -> torch.Tensor:
@@ -878,33 +891,48 @@ def _log_scan(p: torch.Tensor, reverse: bool) -> torch.Tensor:
 
 
 def _log_boundaries(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log messages entering (alpha) and leaving (beta) every block, (C, K) each."""
+    """log messages entering (alpha, logsumexp 0) and leaving (beta) every block, (K, C)."""
     rows, k, _ = p.shape
-    alpha_in = p.new_full((rows, k), -math.log(k))
-    beta_out = p.new_zeros(rows, k)
+    alpha_in = p.new_full((k, rows), -math.log(k))
+    beta_out = p.new_zeros(k, rows)
     prefix = _log_scan(p[:-1], reverse=False)
     suffix = _log_scan(p[1:], reverse=True)
     v = torch.logsumexp(prefix, 1)  # log 1^T P_0 ... P_c-1 (up to a constant)
-    alpha_in[1:] = v - torch.logsumexp(v, -1, keepdim=True)
+    alpha_in[:, 1:] = (v - torch.logsumexp(v, -1, keepdim=True)).T
     w = torch.logsumexp(suffix, 2)  # log P_c+1 ... P_C-1 1
-    beta_out[:-1] = w - _finite_or_zero(w.amax(-1, keepdim=True))
+    beta_out[:, :-1] = (w - _finite_or_zero(w.amax(-1, keepdim=True))).T
     return alpha_in, beta_out
 
 
 def _log_messages(chain: _Chain, layout: _Layout):
-    """log alpha^, log beta^ (N, K) and log c_t (N,) in log space (any A)."""
-    lb = _cells(chain, layout)
+    """log alpha~, log beta~ (N, K), log s_t (N,), m_t (N,) and log sum alpha~ (S,) at the
+    last frame of each sequence, in log space (any A)."""
+    lb, shift = _emission_cells(chain, layout, exp=False)
     rows = layout.shape[0]
     a = _LogMatrix(chain.log_a)
     if layout.chained and rows > 1:
-        q = _log_products(lb, layout, a, chain.log_pi)
-        alpha_in, beta_out = _log_boundaries(q)
+        alpha_in, beta_out = _log_boundaries(_log_products(lb, layout, a))
     else:
-        alpha_in = lb.new_full((rows, chain.k), -math.log(chain.k))
-        beta_out = lb.new_zeros(rows, chain.k)
-    alpha, norm = _log_forward(lb, layout, a, chain.log_pi, alpha_in)
+        alpha_in = lb.new_full((chain.k, rows), -math.log(chain.k))
+        beta_out = lb.new_zeros(chain.k, rows)
+    alpha, log_s = _log_forward(lb, layout, a, alpha_in)
     beta = _log_backward(lb, layout, _LogMatrix(chain.log_a.T.contiguous()), beta_out)
-    return _frames(layout, alpha), _frames(layout, beta), _frames(layout, norm).reshape(-1)
+    steps = lb.shape[0]
+    if layout.chained and rows > 1:  # block c starts from alpha_in(c), see _scaled_messages
+        ends = torch.logsumexp(alpha[-1, :, :-1], 0)
+        log_s[0, 1:] += torch.where(layout.reset[0, 1:], 0.0, ends)
+    if layout.chained:
+        last = chain.first + torch.tensor(chain.lengths, device=chain.device) - 1
+        final = torch.logsumexp(alpha[last % steps, :, last // steps], -1)
+    else:
+        final = torch.logsumexp(alpha[steps - 1], 0)
+    return (
+        _state_frames(layout, alpha),
+        _state_frames(layout, beta),
+        _frames(layout, log_s),
+        shift,
+        final,
+    )
 
 
 # ============================================================================== posterior
@@ -931,11 +959,11 @@ def _log_likelihood(
 def _zero_probability(chain: _Chain, loglik: torch.Tensor) -> None:
     """Raise for the sequences of probability zero (found again, side by side, exactly)."""
     layout = _side_by_side(chain)
-    lb = _cells(chain, layout)
-    rows = layout.shape[0]
-    start = lb.new_full((rows, chain.k), -math.log(chain.k))
-    _, norm = _log_forward(lb, layout, _LogMatrix(chain.log_a), chain.log_pi, start)
-    exact = _log_likelihood(chain, _frames(layout, norm).reshape(-1))
+    lb, shift = _emission_cells(chain, layout, exp=False)
+    start = lb.new_full((chain.k, layout.shape[0]), -math.log(chain.k))
+    alpha, log_s = _log_forward(lb, layout, _LogMatrix(chain.log_a), start)
+    exact = _log_likelihood(chain, _frames(layout, log_s), shift)
+    exact += torch.logsumexp(alpha[-1], 0)
     dead = (~torch.isfinite(exact)).nonzero().reshape(-1).tolist()
     if dead:
         shown = ", ".join(str(s) for s in dead[:10]) + (", ..." if len(dead) > 10 else "")
@@ -963,8 +991,8 @@ def _forward_backward(
                 chain, layout, _scaled_messages(chain, layout), per_step_xi
             )
         elif arithmetic == "log":
-            log_alpha, log_beta, log_c = _log_messages(chain, layout)
-            loglik = _log_likelihood(chain, log_c)
+            log_alpha, log_beta, log_s, shift, final = _log_messages(chain, layout)
+            loglik = _log_likelihood(chain, log_s, shift) + final  # (HMM-FB.3)
             gamma = xi_sum = xi = None
         else:
             raise ValueError(f"arithmetic must be 'scaled' or 'log', got {arithmetic!r}")
@@ -979,7 +1007,7 @@ def _forward_backward(
                     arithmetic="log",
                 )
         if gamma is None:
-            gamma, xi_sum, xi = _log_posterior(chain, log_alpha, log_beta, log_c, per_step_xi)
+            gamma, xi_sum, xi = _log_posterior(chain, log_alpha, log_beta, log_s, per_step_xi)
         dtype = chain.out_dtype
         return ChainPosterior(
             log_likelihood=loglik.to(dtype),
@@ -994,19 +1022,19 @@ def _log_posterior(
     chain: _Chain,
     log_alpha: torch.Tensor,
     log_beta: torch.Tensor,
-    log_c: torch.Tensor,
+    log_s: torch.Tensor,
     per_step_xi: bool,
 ):
-    """gamma (HMM-FB.4), xi_sum and xi (HMM-FB.5) from log-space messages."""
+    """gamma (HMM-FB.4), xi_sum and xi (HMM-FB.5) from log-space messages, per frame."""
     joint = log_alpha + log_beta
     log_omega = torch.logsumexp(joint, -1)  # (N,)  log omega_t
-    gamma = joint.sub_(log_omega[:, None]).exp_()  # alpha^ beta^ / omega
+    gamma = joint.sub_(log_omega[:, None]).exp_()  # alpha~ beta~ / omega
 
     log_a = chain.log_a
     inner = ~chain.is_start[1:]  # transitions t-1 -> t inside a sequence, t = 1 .. N-1
     # xi_t(j, k) = exp(lu_t(j) + log A_jk + lv_t(k))
-    lu = log_alpha[:-1] - (log_c[1:] + log_omega[1:])[:, None]  # log alpha^_t-1 / (c_t omega_t)
-    lv = chain.log_bn[1:] + log_beta[1:]  # log b_t o beta^_t
+    lu = log_alpha[:-1] - (log_s[1:] + log_omega[1:])[:, None]  # log alpha~_t-1 / (s_t omega_t)
+    lv = chain.log_bn[1:] + log_beta[1:]  # log b_t o beta~_t (inner frames: m_t = max log p)
     shift = _finite_or_zero(lv.amax(-1, keepdim=True))
     lu.add_(shift)
     lv.sub_(shift)
