@@ -40,11 +40,12 @@ Arithmetic. Two exact evaluations of (HMM-FB.1-2):
   The messages lose at most a factor e^-(2M + log K) per step and are renormalised every
   few steps (``_period``).
 * log space otherwise (zeros or tiny entries in A: left-right and banded models): the
-  messages are logarithms, and each product log(exp(x) A) is a matrix product of the
-  row-shifted exp(x - max x) whose entries that come out below 1e-250 (fed only by states
-  far below the best one, which zeros in A make possible) are recomputed by an exact
-  logsumexp (``_LogMatrix``). A state that is e^-10000 behind the best one for a stretch
-  of frames is still represented, and comes back when the emissions favour it again.
+  messages are logarithms, divided by their maximum at every step (log s_t), and each
+  product with A is a matrix product of exp(x - max x) whose entries that come out below
+  1e-250 (fed only by states far below the best one, which zeros in A make possible) are
+  recomputed by an exact logsumexp (``_LogMatrix``). A state that is e^-10000 behind the
+  best one for a stretch of frames is still represented, and comes back when the emissions
+  favour it again.
 
 Layouts. Python steps cost more than the arithmetic, so the frames are swept as rows of
 a (C, L) grid, all rows at once:
@@ -66,8 +67,9 @@ a (C, L) grid, all rows at once:
   About 3 L + 2 log2 C sequential steps instead of N, for N K^3 multiply-adds in step 1.
 
 The layout is chosen by a rough cost model (``_use_blocks``). Viterbi uses the same
-layouts in the max-plus semiring; its back-pointers are followed inside every block for
-all K possible end states at once, then block to block.
+layouts in the max-plus semiring (products as K elementwise maxima, the block boundaries
+as C small steps in numpy); its back-pointers are followed inside every block for all K
+possible end states at once, then block to block.
 
 Everything is computed in float64 and returned in the dtype of ``log_emission``, with no
 autograd graph and on one thread (see ``_single_threaded``).
@@ -482,27 +484,25 @@ def _default_block_length(n: int) -> int:
     return min(512, max(32, int(math.sqrt(n) / 2)))
 
 
-#: rough costs on one core, in seconds: (per vector step, per multiply-add of a vector
-#: step, per multiply-add of a transfer product); used only to choose the layout
-_COSTS = {
-    "scaled": (15e-6, 0.5e-9, 0.5e-9),
-    "log": (250e-6, 4e-9, 4e-9),
-    "max": (70e-6, 3e-9, 3e-9),
-}
-
-
 def _use_blocks(chain: _Chain, kind: str) -> bool:
     """Whether the chained blocks beat one sweep over the longest sequence.
 
-    Side by side costs ~T_max steps per sweep; the blocks ~3 sqrt(N) / 2 steps in all plus
-    N K^3 multiply-adds for the transfer products, which a large K makes dominant.
+    Side by side costs ~T_max steps per sweep; the blocks ~3 L steps in all plus the work of
+    the transfer products (N K^3 multiply-adds, and N K^2 exponentials in log space), which
+    a large K makes dominant. Rough costs on one core, in seconds, measured on the kernels
+    below; used only to choose the layout.
     """
-    step, madd, pmadd = _COSTS[kind]
-    sweeps = 2.0 if kind != "max" else 1.5  # Viterbi: one sweep and the back-tracking
-    n, k = chain.n, chain.k
-    side = max(chain.lengths) * sweeps * (step + madd * len(chain.lengths) * k * k)
-    length = _default_block_length(n)
-    blocks = length * (sweeps + 1) * step + sweeps * madd * n * k * k + pmadd * n * k**3
+    n, k, rows = chain.n, chain.k, len(chain.lengths)
+    steps, length = max(chain.lengths), _default_block_length(n)
+    if kind == "scaled":  # a step: two small matrix products and two products by b
+        side = steps * 2 * (15e-6 + 0.5e-9 * rows * k * k)
+        blocks = 3 * length * 15e-6 + 1e-9 * n * k * k + 0.5e-9 * n * k**3
+    elif kind == "log":  # a step: ~15 operations, exp and log of every entry
+        side = steps * 2 * (250e-6 + 100e-9 * rows * k)
+        blocks = 3 * length * 250e-6 + 90e-9 * n * k * k + 0.5e-9 * n * k**3
+    else:  # "max", Viterbi: one sweep, the back-tracking, max-plus products
+        side = steps * 1.5 * (70e-6 + 3e-9 * rows * k * k)
+        blocks = 2.5 * length * 70e-6 + 4.5e-9 * n * k * k + 3e-9 * n * k**3
     return blocks < side
 
 
@@ -950,7 +950,7 @@ def _layout_for(chain: _Chain, mode: str | None, block_length: int | None, kind:
 def _log_likelihood(
     chain: _Chain, log_c: torch.Tensor, shift: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(HMM-FB.3) per sequence: sum over its frames of log c_t + m_t."""
+    """(HMM-FB.3) per sequence, without its last term: the sum of log s_t + m_t."""
     shift = chain.frame_max if shift is None else shift
     total = log_c.new_zeros(len(chain.lengths))
     return total.index_add_(0, chain.seq_id, log_c + shift)

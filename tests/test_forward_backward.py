@@ -9,7 +9,8 @@ References, each with the tolerance it is held to and why:
   and its rounding error stays ~1e-13, so 1e-10 relative is a strict test of ours;
 * hmmlearn's C++ kernels (its own forward_log / backward_log / compute_log_xi_sum /
   viterbi): unnormalised log lattices, whose rounding grows with |log alpha|, so 1e-10
-  relative on moderate chains;
+  relative on moderate chains (and on one chain of 10^5 frames, where the plain reference
+  would be a Python loop of 2 * 10^5 steps);
 * the Wikipedia example hmmlearn tests against, at the 4 decimals it is published with.
 """
 
@@ -25,7 +26,11 @@ import torch
 from elbolab.guides import forward_backward as fb
 from elbolab.guides.forward_backward import ChainPosterior, forward_backward, viterbi
 
-hmmc = pytest.importorskip("hmmlearn._hmmc")
+try:
+    from hmmlearn import _hmmc as hmmc
+except ImportError:  # the parity tests need it; the others do not
+    hmmc = None
+needs_hmmlearn = pytest.mark.skipif(hmmc is None, reason="hmmlearn is not installed")
 
 F64 = torch.float64
 INF = math.inf
@@ -297,6 +302,7 @@ def test_long_chain_matches_log_space_reference(case):
     _check_against_reference(*case(10_000, 6, seed=3))
 
 
+@needs_hmmlearn
 def test_very_long_chain_matches_hmmlearn():
     """One chain of 10^5 frames from a banded model with zeros, emissions peaked by hundreds
     of nats on the sampled path: log p and gamma equal to hmmlearn's log-space kernels to
@@ -360,7 +366,8 @@ def test_layouts_agree_on_mixed_lengths():
 @pytest.mark.parametrize("way", WAYS[:4], ids=lambda w: f"{w[0]}-{w[1]}-{w[2]}")
 def test_gamma_and_xi_are_consistent(way):
     """gamma_t sums to one; sum_k xi_t(j, k) = gamma_t-1(j) and sum_j xi_t(j, k) =
-    gamma_t(k) inside a sequence; xi_sum = sum_t xi_t (all to 1e-12)."""
+    gamma_t(k) inside a sequence; xi_sum = sum_t xi_t. These are identities of the exact
+    posterior, so they hold to rounding: 1e-12 (1e-11 for the sum of ~240 xi_t)."""
     lengths = [40, 1, 73, 5, 120]
     log_pi, log_a = random_hmm(5, seed=8, sparse=way[2] == "log")
     log_b = emissions(sum(lengths), 5, seed=9, scale=4.0)
@@ -380,7 +387,8 @@ def test_gamma_and_xi_are_consistent(way):
 
 def test_zeros_stay_zeros():
     """Where A_jk = 0, xi_sum[j, k] == 0 exactly; where pi_k = 0, start[:, k] == 0; where an
-    emission is -inf, gamma is 0 -- in both arithmetics and both layouts."""
+    emission is -inf, gamma is 0 -- exactly (not merely small), in both arithmetics and
+    both layouts, with no NaN."""
     k = 4
     lengths = [30, 1, 250]
     log_b = emissions(sum(lengths), k, seed=11)
@@ -423,6 +431,7 @@ def test_sequence_starts_far_from_the_best_emission(mode):
 
 
 # ========================================================================== hmmlearn
+@needs_hmmlearn
 @pytest.mark.parametrize("mode", ["side_by_side", "blocks"])
 def test_matches_hmmlearn_kernels(mode):
     """Same log p, gamma and xi_sum as hmmlearn's forward_log / backward_log /
@@ -439,6 +448,7 @@ def test_matches_hmmlearn_kernels(mode):
     np.testing.assert_allclose(got.xi_sum.numpy(), xi_sum, rtol=1e-10, atol=1e-12)
 
 
+@needs_hmmlearn
 def test_viterbi_matches_hmmlearn_on_a_long_sequence():
     """Same best path and log p as hmmlearn's viterbi on 2 * 10^4 frames (1e-12 relative)."""
     k = 5
@@ -475,6 +485,8 @@ def test_wikipedia_example():
     assert path.tolist() == [0, 0, 1, 0, 0]
     assert round(log_prob.item(), 4) == -4.4590
     # and exactly hmmlearn's own kernels on it
+    if hmmc is None:
+        return
     ll, gamma, _ = hmmlearn_posterior(log_pi, log_a, frameprob.log(), [5])
     np.testing.assert_allclose(got.log_likelihood.numpy(), ll, rtol=1e-14)
     np.testing.assert_allclose(got.gamma.numpy(), gamma, rtol=0, atol=1e-14)
@@ -482,7 +494,9 @@ def test_wikipedia_example():
 
 # ============================================================================= dtypes
 def test_float32_in_float32_out():
-    """float32 in, float32 out (computed in float64): equal to the float64 result rounded."""
+    """float32 in, float32 out (computed in float64): the float64 result to 1e-5 (the inputs
+    rounded to float32 move the posterior by ~1e-7 relative per frame, the output rounding
+    adds 6e-8); the same best path."""
     lengths = [100, 7]
     log_pi, log_a = random_hmm(3, seed=17)
     log_b = emissions(sum(lengths), 3, seed=18)
