@@ -1078,21 +1078,26 @@ def _max_sweep(
     chunk = max(1, _CHUNK_ELEMENTS // (k * k))
     delta = delta_in
     pointers, emit = psi.unbind(0), lb.unbind(0)
+    whole = rows <= chunk
+    if whole:  # buffers reused by every step
+        z = lb.new_empty(rows, k, k)
+        deltas = (lb.new_empty(rows, k), lb.new_empty(rows, k))
     for i in range(steps):
-        if rows <= chunk:  # max_j delta(j) + log A_jk, reduced over the last axis
-            best, arg = torch.max(delta[:, None, :] + log_a_t, -1)
+        if whole:  # max_j delta(j) + log A_jk, reduced over the last axis
+            torch.add(delta[:, None, :], log_a_t, out=z)
+            best = deltas[i % 2]
+            torch.max(z, -1, out=(best, pointers[i]))
         else:
             parts = [
                 torch.max(delta[s : s + chunk, None, :] + log_a_t, -1)
                 for s in range(0, rows, chunk)
             ]
             best = torch.cat([p[0] for p in parts])
-            arg = torch.cat([p[1] for p in parts])
+            torch.cat([p[1] for p in parts], out=pointers[i])
         if layout.reset_steps[i]:
             here = layout.reset_rows[i]
             best[here] = log_pi
-            arg[here] = delta[here].argmax(-1, keepdim=True)
-        pointers[i].copy_(arg)
+            pointers[i][here] = delta[here].argmax(-1, keepdim=True)
         best.add_(emit[i])
         if (i + 1) % _MAX_PERIOD == 0:
             best.sub_(_finite_or_zero(best.amax(-1, keepdim=True)))
@@ -1144,12 +1149,14 @@ def _viterbi(
             delta_in = torch.from_numpy(entering).to(lb.device)
         psi, last = _max_sweep(lb, layout, chain.log_a, chain.log_pi, delta_in)
 
-        # inside every row, follow psi back from each of the K possible end states
-        paths = torch.empty(steps, rows, k, dtype=torch.int64, device=lb.device)
-        paths[steps - 1] = torch.arange(k, device=lb.device)
-        for i in range(steps - 1, 0, -1):
-            paths[i - 1] = psi[i].gather(1, paths[i])
-        if layout.chained:  # block to block: the end state of block c - 1 from block c
+        pointers = psi.unbind(0)
+        if layout.chained:
+            # inside every block, follow psi back from each of the K possible end states
+            paths = torch.empty(steps, rows, k, dtype=torch.int64, device=lb.device)
+            paths[steps - 1] = torch.arange(k, device=lb.device)
+            for i in range(steps - 1, 0, -1):
+                torch.gather(pointers[i], 1, paths[i], out=paths[i - 1])
+            # block to block: the end state of block c - 1 from block c (numpy: tiny steps)
             ends = [0] * rows
             ends[rows - 1] = int(last[rows - 1].argmax())
             heads = paths[0].cpu().numpy()
@@ -1157,9 +1164,13 @@ def _viterbi(
             for c in range(rows - 1, 0, -1):
                 ends[c - 1] = int(entry[c, heads[c, ends[c]]])
             end = torch.tensor(ends, dtype=torch.int64, device=lb.device)
-        else:  # every row ends its own sequence
-            end = last.argmax(-1)
-        best = paths.gather(2, end[None, :, None].expand(steps, rows, 1))[..., 0]
+            best = paths.gather(2, end[None, :, None].expand(steps, rows, 1))[..., 0]
+        else:  # every row ends its own sequence: one path per row
+            best = torch.empty(steps, rows, 1, dtype=torch.int64, device=lb.device)
+            best[steps - 1, :, 0] = last.argmax(-1)
+            for i in range(steps - 1, 0, -1):
+                torch.gather(pointers[i], 1, best[i], out=best[i - 1])
+            best = best[..., 0]
         path = _frames(layout, best)
 
         # log p(x, z*) summed along the path
