@@ -677,10 +677,10 @@ def _emission_cells(chain: _Chain, layout: _Layout, exp: bool) -> tuple[torch.Te
     b[n:] = 0.0  # the padding of the chain
     if not layout.chained and layout.valid is not None:  # unequal lengths, left-padded
         b = torch.cat([b, b.new_zeros(1, k)])[layout.index.reshape(-1)]
-    if exp:
-        b.exp_()  # (C L, K), frame-major
-    # to state-major by a 2-D transposed copy (see _state_frames)
-    return b.view(rows, steps * k).t().contiguous().view(steps, k, rows), shift
+    # to state-major by a 2-D transposed copy (see _state_frames), exp on the way
+    flat = b.view(rows, steps * k).t()
+    cells = torch.exp(flat, out=b.new_empty(steps * k, rows)) if exp else flat.contiguous()
+    return cells.view(steps, k, rows), shift
 
 
 def _scaled_messages(chain: _Chain, layout: _Layout) -> _Scaled:
