@@ -78,7 +78,7 @@ autograd graph and on one thread (see ``_single_threaded``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -90,7 +90,7 @@ __all__ = ["ChainPosterior", "forward_backward", "viterbi"]
 _WORK = torch.float64
 #: A is "dense" when every log A_jk >= -_DENSE_NATS: the scaled arithmetic is exact then.
 _DENSE_NATS = 150.0
-#: entries of a (.., K, K, K) max-plus temporary per chunk (32 MiB in float64)
+#: entries of the (rows, K, K) temporary of a Viterbi step, per chunk of rows (32 MiB)
 _CHUNK_ELEMENTS = 1 << 22
 #: a row of xi_t at more than e^600 (before the factor A_jk) is summed in log space instead
 _XI_EXP_LIMIT = 600.0
@@ -127,7 +127,7 @@ def forward_backward(
     log_startprob: torch.Tensor,
     log_transmat: torch.Tensor,
     log_emission: torch.Tensor,
-    lengths=None,
+    lengths: torch.Tensor | Sequence[int] | None = None,
     *,
     per_step_xi: bool = False,
 ) -> ChainPosterior:
@@ -136,7 +136,8 @@ def forward_backward(
     Parameters
     ----------
     log_startprob:
-        (K,) log p(z_1 = k) of the state emitting the first frame of each sequence.
+        (K,) log p(z_1 = k) of the state emitting the first frame of each sequence; a
+        log-distribution (its logsumexp 0 within 1e-6; 1e-5 in float32), as each row of A.
     log_transmat:
         (K, K) log A_jk = log p(z_t = k | z_t-1 = j); each row a log-distribution.
     log_emission:
@@ -168,7 +169,7 @@ def viterbi(
     log_startprob: torch.Tensor,
     log_transmat: torch.Tensor,
     log_emission: torch.Tensor,
-    lengths=None,
+    lengths: torch.Tensor | Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The most probable state path of each sequence (HMM-VIT, max-product).
 
