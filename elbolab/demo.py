@@ -27,8 +27,12 @@ import torch
 
 from .datasets import load_faithful
 
-#: PRML Figure 9.8 plots these iterations (and the converged fit).
-SNAPSHOTS = (0, 1, 2, 5, 20)
+#: Iterations whose fit is kept for the figure: PRML Figure 9.8 draws 0, 1, 2, 5 and 20 (and
+#: the converged fit); 10 stands in for 20 when EM converges before iteration 21.
+SNAPSHOTS = (0, 1, 2, 5, 10, 20)
+
+#: The axis labels of the Old Faithful panels (the data are standardised per feature).
+FAITHFUL_AXES = ("eruption duration (standardised)", "waiting time (standardised)")
 
 #: A start in the spirit of PRML Figure 9.8: two round components across the two clusters.
 START = {
@@ -114,7 +118,10 @@ def fit_all(x: torch.Tensor, tol: float = 1e-10, max_iter: int = 500) -> dict:
         "params": {"weights": sk.weights_, "means": sk.means_, "covariances": sk.covariances_},
     }
     final = out["EM, closed-form M-step"]
-    snapshots["final"] = final["params"] | {"resp": final["model"].predict_proba(x).numpy()}
+    snapshots["final"] = final["params"] | {
+        "resp": final["model"].predict_proba(x).numpy(),
+        "iteration": final["result"].n_iter,
+    }
     out["snapshots"] = snapshots
     return out
 
@@ -158,12 +165,15 @@ def table(fits: dict) -> str:
 
 
 def _ellipse(ax, mean, cov, color):
+    """The 1-sigma (solid) and 2-sigma (dashed) contours of N(mean, cov), outlined in black."""
+    from matplotlib import patheffects
     from matplotlib.patches import Ellipse
 
     vals, vecs = np.linalg.eigh(cov)
     angle = np.degrees(np.arctan2(vecs[1, -1], vecs[0, -1]))
-    for n_std in (1.0, 2.0):
+    for n_std, style, lw in ((1.0, "-", 2.2), (2.0, "--", 1.3)):
         w, h = 2 * n_std * np.sqrt(vals[::-1])
+        outline = [patheffects.Stroke(linewidth=lw + 1.6, foreground="black"), patheffects.Normal()]
         ax.add_patch(
             Ellipse(
                 mean,
@@ -172,30 +182,62 @@ def _ellipse(ax, mean, cov, color):
                 angle=angle,
                 fill=False,
                 color=color,
-                lw=1.5,
-                alpha=1.0 if n_std == 1 else 0.5,
+                lw=lw,
+                ls=style,
+                path_effects=outline,
             )
         )
+
+
+def shown_iterations(snapshots: dict) -> list:
+    """The panels of the iterations figure: five kept iterations before convergence, then it.
+
+    PRML Figure 9.8's 0, 1, 2, 5 and 20 when EM runs past iteration 20; 0, 1, 2, 5 and 10
+    when it converges sooner (20 is then the converged fit itself, or never reached).
+    """
+    last = snapshots["final"]["iteration"]
+    kept = [t for t in SNAPSHOTS if t in snapshots and t < last]
+    if len(kept) > 5:
+        kept.remove(10)
+    return [*kept, "final"]
+
+
+def _iteration_title(key, snapshots: dict) -> str:
+    if key == "final":
+        return f"converged (iteration {snapshots['final']['iteration']})"
+    return "start (iteration 0)" if key == 0 else f"iteration {key}"
 
 
 def plot_iterations(x: np.ndarray, snapshots: dict, path: Path) -> None:
     """Data coloured by responsibility with component ellipses (the PRML Fig. 9.8 layout)."""
     import matplotlib.pyplot as plt
 
-    keys = [k for k in (*SNAPSHOTS, "final") if k in snapshots]
-    fig, axes = plt.subplots(2, 3, figsize=(10.5, 7), sharex=True, sharey=True)
+    keys = shown_iterations(snapshots)
+    rows = (len(keys) + 2) // 3
+    fig, axes = plt.subplots(rows, 3, figsize=(10.5, 4.0 * rows + 0.5), sharex=True, sharey=True)
+    axes = np.atleast_2d(axes)
+    red, blue = np.array([0.9, 0.15, 0.15]), np.array([0.15, 0.3, 0.95])
     for ax, key in zip(axes.flat, keys, strict=False):
         snap = snapshots[key]
-        r = snap["resp"][:, 0]
-        colors = np.stack([r, np.zeros_like(r), 1 - r], 1)  # red = component 0, blue = 1
-        ax.scatter(x[:, 0], x[:, 1], c=colors, s=10, alpha=0.8, linewidths=0)
-        for k, color in enumerate(("red", "blue")):
+        r = snap["resp"][:, :1]
+        colors = r * red + (1 - r) * blue  # red = component 1, blue = component 2
+        ax.scatter(x[:, 0], x[:, 1], c=colors, s=10, alpha=0.5, linewidths=0)
+        for k, color in enumerate((red, blue)):
             _ellipse(ax, snap["means"][k], snap["covariances"][k], color)
-        ax.set_title("converged" if key == "final" else f"L = {key}" if key else "start")
+        ax.set_title(_iteration_title(key, snapshots))
         ax.set_xlim(-2.5, 2.5)
         ax.set_ylim(-2.5, 2.5)
         ax.set_aspect("equal")
-    fig.suptitle("EM on Old Faithful (standardised): responsibilities and 1-, 2-sigma ellipses")
+    for ax in axes.flat[len(keys) :]:
+        ax.remove()
+    for ax in axes[-1]:
+        ax.set_xlabel(FAITHFUL_AXES[0])
+    for ax in axes[:, 0]:
+        ax.set_ylabel(FAITHFUL_AXES[1])
+    fig.suptitle(
+        "EM on Old Faithful: points coloured by responsibility (red: component 1, blue: 2),\n"
+        "1σ (solid) and 2σ (dashed) ellipses of each component"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -208,8 +250,8 @@ def plot_curves(fits: dict, path: Path) -> None:
     fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=(11, 4))
     em = fits["EM, closed-form M-step"]["result"]
     t = np.arange(len(em.log_likelihoods))
-    ax.plot(t, em.log_likelihoods, "o-", ms=3, label="log p(x; theta_t) after E-step")
-    ax.plot(t[1:], em.lower_bounds, "s--", ms=3, label="LB(q_t, theta_t+1) after M-step")
+    ax.plot(t, em.log_likelihoods, "o-", ms=3, label="log p(x; θ_t), after the E-step")
+    ax.plot(t[1:], em.lower_bounds, "s--", ms=3, label="LB(q_t, θ_t+1), after the M-step")
     g = fits["EM, gradient M-step"]["result"]
     ax.plot(
         np.arange(len(g.log_likelihoods)),
@@ -227,16 +269,17 @@ def plot_curves(fits: dict, path: Path) -> None:
         alpha=0.7,
         label="log p(x), direct L-BFGS step",
     )
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mean per sample")
-    ax.set_title("EM climbs: ll_t <= LB_t <= ll_t+1")
+    ax.set_xlabel("iteration t")
+    ax.set_ylabel("mean log p(x) or bound (nats per eruption)")
+    ax.set_title("EM climbs: log p(x; θ_t) ≤ LB_t ≤ log p(x; θ_t+1)")
     ax.legend(fontsize=8)
     best = em.log_likelihood
     for res, label in ((em, "EM closed form"), (g, "EM gradient"), (d, "direct")):
         gap = best - np.asarray(res.log_likelihoods)
         gap = np.where(gap > 1e-15, gap, np.nan)
         ax_gap.semilogy(np.arange(len(gap)), gap, "o-", ms=3, label=label)
-    ax_gap.set_xlabel("iteration")
+    ax_gap.set_xlabel("iteration t")
+    ax_gap.set_ylabel("max log p − log p(x; θ_t) (nats per eruption)")
     ax_gap.set_title("distance to the maximum (log scale)")
     ax_gap.legend(fontsize=8)
     fig.tight_layout()

@@ -79,23 +79,38 @@ def table(fit: dict) -> str:
     return "\n".join(lines)
 
 
+def log_iteration_axis(ax, last: int) -> None:
+    """A log-scale axis of iterations 1..last with plain ticks 1, 2, 5, 10, 20, 50, ..."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+
+    ticks = [m * 10**e for e in range(len(str(max(last, 1)))) for m in (1, 2, 5)]
+    ax.set_xscale("log")
+    ax.set_xlim(0.85, last * 1.15)
+    ax.xaxis.set_major_locator(FixedLocator([t for t in ticks if t <= last]))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot(fit: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     best = fit["closed"].score(fit["x"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     ll = np.array(fit["em"].log_likelihoods)
-    axes[0].plot(np.arange(len(ll)), ll, "o-", ms=3, label="EM: log p(x) after each E-step")
+    t = np.arange(1, len(ll))  # iteration 0 (the random start) has no place on a log axis
+    axes[0].plot(t, ll[1:], "o-", ms=3, label="EM: log p(x) after each E-step")
     axes[0].axhline(best, color="k", ls="--", lw=0.8, label="closed form")
-    axes[0].set_xscale("symlog", linthresh=10)
-    axes[0].set_xlabel("EM iteration")
-    axes[0].set_ylabel("mean log p(x) per wine")
-    axes[0].set_title("EM with the exact posterior")
+    log_iteration_axis(axes[0], int(t[-1]))
+    axes[0].set_xlabel("EM iteration t (log scale)")
+    axes[0].set_ylabel("mean log p(x) per wine (nats)")
+    axes[0].set_title(f"EM with the exact posterior (start: {ll[0]:.2f})")
     axes[0].legend()
     epochs = np.arange(1, len(fit["vae_curve"]) + 1) * 20
     axes[1].plot(epochs, fit["vae_curve"], "o-", ms=3, color="C1", label="linear VAE: log p(x)")
     axes[1].axhline(best, color="k", ls="--", lw=0.8, label="closed form")
     axes[1].set_xlabel("SGD epoch (full batch)")
+    axes[1].set_ylabel("mean log p(x) per wine (nats)")
     axes[1].set_title("the linear VAE")
     axes[1].set_ylim(best - 1.0, best + 0.1)
     axes[1].legend()
