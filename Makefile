@@ -1,11 +1,11 @@
-# make demo | test | lint | bench | notebooks -- each creates .venv and installs into it first.
+# make demo | test | lint | bench | notebooks | lab -- each creates .venv and installs into it first.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: install demo test lint format bench notebooks clean
+.PHONY: install demo test lint format bench notebooks lab clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ notebooks: $(STAMP)
 	mkdir -p $(OUT)/notebooks
 	$(BIN)/jupyter nbconvert --to html --execute --output-dir $(OUT)/notebooks notebooks/*.ipynb
 	@echo "executed notebooks written to $(OUT)/notebooks"
+
+lab: $(STAMP)
+	# JupyterLab on notebooks/; their kernel, python3, is this environment's own
+	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter lab --notebook-dir=notebooks
 
 clean:
 	rm -rf $(OUT) build dist *.egg-info .pytest_cache .ruff_cache

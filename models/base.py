@@ -5,7 +5,8 @@ A component family subclasses :class:`MixtureModel` and says four things:
 - ``_build(n_features, dtype)``: create its ``PyroParam`` s (any valid starting values);
 - ``_component_params()``: its parameters as a dict of tensors whose first dimension is K;
 - ``_component_dist(**params)``: the distribution p_k(x) with event shape ``(n_features,)``;
-- ``_check_support(x)``: raise ``ValueError`` for data outside the family's support.
+- ``_check_support(x, fitted)``: raise ``ValueError`` for data outside the family's support
+  (``fitted``: whether the data must also suit the current parameters).
 
 Everything else -- the Pyro program, exact log-likelihood, sampling, BIC/AIC, EM with the
 gradient M-step -- comes from this base class and from :mod:`elbolab.inference`.

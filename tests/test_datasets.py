@@ -48,3 +48,26 @@ def test_nile_is_bundled_with_its_years():
     assert nile.target.tolist() == list(range(1871, 1971))
     assert float(nile.data[0, 0]) == 1120.0 and float(nile.data[-1, 0]) == 740.0
     assert nile.feature_names == ["volume"] and torch.equal(load("nile").data, nile.data)
+
+
+def test_wine_is_scikit_learns_copy_through_the_same_interface():
+    """The wine data: 178 x 13 float64 measurements and three cultivars, equal to
+    scikit-learn's copy, by name too; their scales differ enough that PPCA needs them
+    standardised."""
+    import numpy as np
+    from sklearn.datasets import load_wine as sk_load_wine
+
+    from elbolab.datasets import load_wine
+
+    wine, reference = load_wine(), sk_load_wine()
+    assert wine.data.shape == (178, 13) and wine.data.dtype == torch.float64
+    assert np.array_equal(wine.data.numpy(), reference.data)
+    assert wine.target.tolist() == reference.target.tolist()
+    assert wine.target.bincount().tolist() == [59, 71, 48]
+    assert wine.feature_names == list(reference.feature_names)
+    assert wine.feature_names[0] == "alcohol" and wine.feature_names[-1] == "proline"
+    assert torch.equal(load("wine").data, wine.data)
+    spread = wine.data.std(0)
+    assert float(spread.max() / spread.min()) > 1000
+    s = wine.standardized().data
+    assert torch.allclose(s.std(0, unbiased=False), torch.ones(13, dtype=torch.float64))
