@@ -557,7 +557,7 @@ def mean_field(
     init_scale=0.05,
     elbo_particles=100,
     num_samples=1000,
-    elbo="pyro",
+    elbo="vectorized",
     num_threads=1,
 ) -> SchemeFit:
     """Mean-field VI (VI-MF): AutoNormal under the weak prior, z summed out; bound = ELBO/N."""
@@ -607,7 +607,7 @@ def nuts(
     num_chains=NUM_CHAINS,
     target_accept_prob=0.8,
     max_tree_depth=10,
-    potential="enumerated",
+    potential="vectorized",
     rhat_max=RHAT_MAX,
     progress=False,
     num_threads=1,

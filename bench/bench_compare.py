@@ -1,0 +1,111 @@
+"""Benchmark: ``compare`` with its six default schemes on standardised Old Faithful.
+
+Run ``python bench/bench_compare.py`` (about a minute on 2 idle cores) or ``--quick``
+(NUTS and mean-field shortened, a smoke run). One process; the machine and the load from
+other processes are printed first, since timings taken on a loaded machine are not usable.
+
+Measured, in one run:
+
+1. ``compare(GaussianMixture(2, "full"), x, seed=0)`` with every default: the time of
+   each scheme (the table's own column), the total, and the quality flags of each row
+   (R-hat, ESS, divergences, label switching), so a faster run with worse diagnostics
+   shows as such;
+2. the two evaluations NUTS and mean-field SVI can use, side by side on the same chains:
+   ``potential="vectorized"`` (the default: the potential Pyro derives from the program,
+   written directly and tested equal to it) against ``potential="enumerated"`` (Pyro's
+   own, the program run under enumeration at every leapfrog step), and
+   ``elbo="vectorized"`` against ``elbo="pyro"`` for mean-field. Same seeds, so the two
+   runs of each pair make the same draws to rounding; ratio = Pyro's / vectorized.
+
+Target: the six defaults in at most 15 s on 2 idle cores, each row with R-hat <= 1.01 or
+flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from elbolab.datasets import load_faithful
+from elbolab.inference import compare
+from elbolab.models import GaussianMixture
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_from_others() -> float:
+    """One-minute load average (cores busy), read before the run."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short chains: a smoke run")
+    args = parser.parse_args()
+
+    load = load_from_others()
+    print(
+        f"machine: {cpu_model()} | {os.cpu_count()} cores | {platform.platform()} | "
+        f"python {platform.python_version()} | torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads) | load average before the run {load:.2f}"
+    )
+    if load > 0.5:
+        print("WARNING: other processes are loading this machine; the times below are not usable")
+
+    x = load_faithful().standardized().data
+    short = {"num_samples": 20, "warmup_steps": 20} if args.quick else {}
+    mf_short = {"svi_steps": 50} if args.quick else {}
+
+    start = time.perf_counter()
+    table = compare(
+        GaussianMixture(2, "full"), x, seed=0, options={"nuts": short, "mean-field": mf_short}
+    )
+    total = time.perf_counter() - start
+    print("\n1. compare(GaussianMixture(2, 'full'), x, seed=0), every default\n")
+    print(table)
+    print(f"\ntotal {total:.1f} s (target: at most 15 s on 2 idle cores)")
+
+    print("\n2. the vectorized evaluations against Pyro's own, same chains\n")
+    print(f"{'scheme':<12} {'evaluation':<12} {'time (s)':>9} {'ratio':>7}  log p(x)     flags")
+    pairs = (
+        ("nuts", "potential", ("vectorized", "enumerated"), short),
+        ("mean-field", "elbo", ("vectorized", "pyro"), mf_short),
+    )
+    for scheme, option, (fast, pyro), extra in pairs:
+        times = {}
+        for value in (fast, pyro):
+            out = compare(
+                GaussianMixture(2, "full"),
+                x,
+                [scheme],
+                seed=0,
+                reference=None,
+                options={scheme: {**extra, option: value}},
+            )
+            row = out.row(scheme)
+            times[value] = row["time_s"]
+            ratio = times[value] / times[fast]
+            print(
+                f"{scheme:<12} {value:<12} {row['time_s']:9.2f} {ratio:7.2f}  "
+                f"{row['loglik']:.6f}  {row['flags'] or '-'}"
+            )
+
+
+if __name__ == "__main__":
+    main()
