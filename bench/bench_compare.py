@@ -29,21 +29,11 @@ import platform
 import time
 
 import torch
+from machine import cpu_model, n_cores
 
 from elbolab.datasets import load_faithful
 from elbolab.inference import compare
 from elbolab.models import GaussianMixture
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_from_others() -> float:
@@ -61,7 +51,7 @@ def main() -> None:
 
     load = load_from_others()
     print(
-        f"machine: {cpu_model()} | {os.cpu_count()} cores | {platform.platform()} | "
+        f"machine: {cpu_model()} | {n_cores()} cores | {platform.platform()} | "
         f"python {platform.python_version()} | torch {torch.__version__} "
         f"({torch.get_num_threads()} threads) | load average before the run {load:.2f}"
     )

@@ -71,13 +71,7 @@ def load_iris() -> Dataset:
     """Fisher's iris (150 x 4, three species), scikit-learn's bundled copy."""
     from sklearn.datasets import load_iris as _load
 
-    b = _load()
-    return Dataset(
-        torch.as_tensor(b.data, dtype=torch.float64),
-        torch.as_tensor(b.target),
-        list(b.feature_names),
-        "Iris (Fisher 1936), scikit-learn's bundled copy",
-    )
+    return _from_sklearn(_load(), "Iris (Fisher 1936), scikit-learn's bundled copy")
 
 
 def load_wine() -> Dataset:
@@ -86,12 +80,18 @@ def load_wine() -> Dataset:
     standardise them (:meth:`Dataset.standardized`) before fitting PPCA to them."""
     from sklearn.datasets import load_wine as _load
 
-    b = _load()
+    return _from_sklearn(
+        _load(), "Wine recognition (Forina et al., UCI), scikit-learn's bundled copy"
+    )
+
+
+def _from_sklearn(bunch, source: str) -> Dataset:
+    """A scikit-learn ``Bunch`` (data, target, feature_names) as a float64 :class:`Dataset`."""
     return Dataset(
-        torch.as_tensor(b.data, dtype=torch.float64),
-        torch.as_tensor(b.target),
-        list(b.feature_names),
-        "Wine recognition (Forina et al., UCI), scikit-learn's bundled copy",
+        torch.as_tensor(bunch.data, dtype=torch.float64),
+        torch.as_tensor(bunch.target),
+        list(bunch.feature_names),
+        source,
     )
 
 
