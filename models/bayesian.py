@@ -53,7 +53,8 @@ class BayesianMixture(PyroModule):
         super().__init__()
         model._require_built()
         self._model_ref = (model,)  # a tuple keeps the model out of this module's parameters
-        self.prior: MixturePrior = prior_for(model, x, **(prior or {}))
+        self._hyper = dict(prior or {})
+        self.prior: MixturePrior = prior_for(model, x, **self._hyper)
 
     @property
     def model(self) -> MixtureModel:
@@ -123,15 +124,19 @@ class BayesianMixture(PyroModule):
         potential energy Pyro's HMC/NUTS expect; equal to the one Pyro derives from this
         program under enumeration (``pyro.infer.mcmc.util.initialize_model``).
         """
-        transforms, sites = self.transforms(), self.prior.sites
+        transforms = self.transforms()
+        # the support checks are left out: every value is a transform's output, in support
+        with pyro.validation_enabled(False):
+            sites = prior_for(self.model, x, **self._hyper).sites
 
         def potential_fn(unconstrained: dict[str, torch.Tensor]) -> torch.Tensor:
-            values, log_det = {}, 0.0
-            for name, t in transforms.items():
-                u = unconstrained[name]
-                values[name] = v = t(u)
-                log_det = log_det + t.log_abs_det_jacobian(u, v).sum()
-            log_prior = sum(d.log_prob(values[name]) for name, d in sites.items())
-            return -(log_prior + log_det + self.log_likelihood(values, x).sum())
+            with pyro.validation_enabled(False):
+                values, log_det = {}, 0.0
+                for name, t in transforms.items():
+                    u = unconstrained[name]
+                    values[name] = v = t(u)
+                    log_det = log_det + t.log_abs_det_jacobian(u, v).sum()
+                log_prior = sum(d.log_prob(values[name]) for name, d in sites.items())
+                return -(log_prior + log_det + self.log_likelihood(values, x).sum())
 
         return potential_fn

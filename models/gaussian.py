@@ -56,6 +56,9 @@ def cholesky_or_raise(cov: torch.Tensor, covariance_type: str, floor: float = 0.
 
 #: Rows per block in the blocked computations below: (K, BLOCK, D) temporaries stay a few MB.
 BLOCK = 4096
+#: At most this many rows, the (K, N, D) differences are formed directly: fewer, larger
+#: operations, which is what counts when a sampler calls log_prob thousands of times.
+SMALL = 1024
 
 
 def _block_ones(K: int, D: int, like: torch.Tensor) -> torch.Tensor:
@@ -93,6 +96,12 @@ class ComponentMultivariateNormal(dist.MultivariateNormal):
             self._validate_sample(value)
         K, D = L.shape[0], L.shape[-1]
         L = L[:, 0]  # (K, D, D)
+        half_log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # (K, 1)
+        if value.shape[0] <= SMALL:
+            # few rows: y = L_k^{-1} (x - mu_k) for all k in one triangular solve, (K, D, N)
+            y = torch.linalg.solve_triangular(L, (value - loc).mT, upper=False)
+            maha = y.square().sum(-2)  # (K, N)
+            return -0.5 * (D * math.log(2 * math.pi) + maha) - half_log_det
         # (x - c) P_k - (mu_k - c) P_k about a centre c near the data: without it, data far
         # from the origin lose their digits in x P_k - mu_k P_k (two large, equal numbers)
         centre = loc[:, 0].detach().mean(0)  # (D,)
@@ -111,7 +120,6 @@ class ComponentMultivariateNormal(dist.MultivariateNormal):
             y = y.square_() if not y.requires_grad else y.square()
             blocks.append(y @ ones if ones is not None else y.view(-1, K, D).sum(-1))
         maha = torch.cat(blocks).T  # (K, N)
-        half_log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # (K, 1)
         return -0.5 * (D * math.log(2 * math.pi) + maha) - half_log_det
 
 

@@ -15,7 +15,8 @@ exactly (EM-MIX.1's sum over k) and only theta is approximated:
   unconstrained space (the blog's closing step, VI-MF); the bound is Pyro's ELBO, and
   BASIC still holds: ELBO <= log p(x) = log int p(theta) p(x | theta) dtheta, itself
   <= max_theta log p(x; theta);
-- :func:`sample_nuts` -- Pyro's ``NUTS``, one chain after another.
+- :func:`sample_nuts` -- Pyro's ``NUTS``, the chains side by side in processes
+  (:mod:`.chains`) where two cores are free.
 
 NUTS gets the potential -log p(theta, x) with z summed out either from
 :meth:`BayesianMixture.potential` (``potential="vectorized"``, the default): the value
@@ -42,6 +43,7 @@ from pyro.infer import MCMC, NUTS, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 
 from ...models.bayesian import BayesianMixture
+from .chains import run_chains
 
 
 # ---------------------------------------------------------------------------- fits
@@ -194,19 +196,54 @@ def _map_search(program, x, start, max_iter: int, tol: float):
     return guide, values, log_joint, n_iter
 
 
-def elbo_estimate(program, guide, x: torch.Tensor, particles: int) -> tuple[float, float]:
+def elbo_estimate(
+    program, guide, x: torch.Tensor, particles: int, elbo: str = "pyro"
+) -> tuple[float, float]:
     """Mean per-datum ELBO and its Monte Carlo standard error, from ``particles`` draws.
 
     Each draw is one single-particle ELBO (z summed out exactly, theta ~ q); the standard
-    error is their standard deviation / sqrt(particles).
+    error is their standard deviation / sqrt(particles). ``elbo="pyro"``: Pyro's
+    ``TraceEnum_ELBO``, one call per particle; ``"vectorized"``: all particles at once by
+    :func:`mean_field_losses` (the same value per draw, tested against Pyro's).
     """
-    elbo, n = _elbo(), x.shape[0]
+    n = x.shape[0]
     with torch.no_grad():
-        values = torch.tensor(
-            [-elbo.loss(program, guide, x) / n for _ in range(particles)], dtype=torch.float64
-        )
+        if elbo == "vectorized":
+            values = -mean_field_losses(program, guide, x, particles)
+        else:
+            loss = _elbo().loss
+            values = torch.tensor(
+                [-loss(program, guide, x) / n for _ in range(particles)], dtype=torch.float64
+            )
     se = float(values.std() / particles**0.5) if particles > 1 else float("nan")
     return float(values.mean()), se
+
+
+def mean_field_losses(
+    program: BayesianMixture, guide: AutoNormal, x: torch.Tensor, particles: int
+) -> torch.Tensor:
+    """-ELBO / N of ``particles`` draws theta_s ~ q at once, written directly: (S,).
+
+    u_s ~ q site by site in program order (each site's S draws at once), then per draw
+    U(u_s) + log q(u_s) with U the potential (:meth:`BayesianMixture.potential`: prior,
+    Jacobian and the likelihood with z summed out), each evaluated for all S draws in one
+    pass. With ``particles=1`` and the same random state, the draw of
+    :func:`mean_field_loss` and the loss of Pyro's ``TraceEnum_ELBO``.
+    """
+    transforms, S = program.transforms(), particles
+    values, log_det_minus_q = {}, torch.zeros(S, dtype=x.dtype)
+    with pyro.validation_enabled(False):
+        for name in program.sites:
+            loc, scale = guide._get_loc_and_scale(name)
+            q = dist.Normal(loc, scale)
+            u = q.rsample((S,))  # (S, *site shape)
+            values[name] = v = transforms[name](u)
+            log_det = transforms[name].log_abs_det_jacobian(u, v)
+            log_det_minus_q = log_det_minus_q + (
+                log_det.reshape(S, -1).sum(-1) - q.log_prob(u).reshape(S, -1).sum(-1)
+            )
+        log_joint = program.log_prior(values) + program.log_likelihood(values, x).sum(-1)
+    return -(log_joint + log_det_minus_q) / x.shape[0]
 
 
 def draws_from_guide(guide, x: torch.Tensor, num_samples: int) -> dict[str, torch.Tensor]:
@@ -256,8 +293,8 @@ def fit_mean_field(
     computed by :func:`mean_field_loss` (``elbo="vectorized"``, the default: a direct
     evaluation several times faster, tested equal to Pyro's with the same random state)
     or Pyro's ``TraceEnum_ELBO`` itself (``"pyro"``). The final bound is
-    re-estimated by Pyro's ``TraceEnum_ELBO`` with ``elbo_particles`` particles, and
-    ``num_samples`` draws of theta are taken from q.
+    re-estimated with ``elbo_particles`` particles (:func:`elbo_estimate`, with the same
+    ``elbo``), and ``num_samples`` draws of theta are taken from q.
     """
     if elbo not in ("vectorized", "pyro"):
         raise ValueError(f"elbo must be 'vectorized' or 'pyro', got {elbo!r}")
@@ -292,7 +329,7 @@ def fit_mean_field(
         optimizer.step()
         scheduler.step()
         bounds.append(-float(loss.detach()))
-    value, se = elbo_estimate(program, guide, x, elbo_particles)
+    value, se = elbo_estimate(program, guide, x, elbo_particles, elbo)
     draws = draws_from_guide(guide, x, num_samples)
     return MeanFieldFit(guide, value, se, draws, bounds, steps)
 
@@ -309,22 +346,26 @@ def sample_nuts(
     potential: str = "vectorized",
     seed: int = 0,
     progress: bool = False,
+    parallel: bool | None = None,
 ) -> NUTSFit:
-    """NUTS on theta with z summed out; one chain per start (site values), run in turn.
+    """NUTS on theta with z summed out; one chain per start (site values).
 
     Chain c is seeded with ``seed + c`` (inside ``torch.random.fork_rng``, so the caller's
     random state is untouched). ``potential`` is ``"vectorized"`` (the default:
     :meth:`BayesianMixture.potential`, the function Pyro derives from the program written
     directly, tested equal to it in value and gradient, about twice as fast) or
     ``"enumerated"`` (Pyro's own, from the program, z enumerated at every step).
+    ``parallel``: the chains run in processes side by side (:func:`.chains.run_chains`;
+    ``None``: where two cores are free), with the same draws as one after another. The
+    progress bar, if any, is that of chain 0.
     """
     if potential not in ("vectorized", "enumerated"):
         raise ValueError(f"potential must be 'vectorized' or 'enumerated', got {potential!r}")
     transforms = program.transforms()
     to_unconstrained = {k: t.inv for k, t in transforms.items()}
-    chains: list[dict[str, torch.Tensor]] = []
-    diverging, step_size = [], []
-    for c, start in enumerate(starts):
+
+    def one_chain(c: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+        start, show = starts[c], progress and c == 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + c)
             if potential == "vectorized":
@@ -339,7 +380,7 @@ def sample_nuts(
                     warmup_steps=warmup_steps,
                     initial_params={k: to_unconstrained[k](v) for k, v in start.items()},
                     transforms=to_unconstrained,
-                    disable_progbar=not progress,
+                    disable_progbar=not show,
                 )
                 mcmc.run()
             else:
@@ -354,16 +395,18 @@ def sample_nuts(
                     kernel,
                     num_samples=num_samples,
                     warmup_steps=warmup_steps,
-                    disable_progbar=not progress,
+                    disable_progbar=not show,
                 )
                 mcmc.run(x)
-        chains.append({k: v.detach() for k, v in mcmc.get_samples().items()})
-        diagnostics = mcmc.diagnostics()
+        draws = {k: v.detach() for k, v in mcmc.get_samples().items()}
         flags = torch.zeros(num_samples, dtype=torch.bool)
-        for indices in diagnostics["divergences"].values():
+        for indices in mcmc.diagnostics()["divergences"].values():
             flags[torch.as_tensor(indices, dtype=torch.long)] = True
-        diverging.append(flags)
-        step_size.append(float(kernel.step_size))
-    draws = {k: torch.stack([chain[k] for chain in chains]) for k in program.sites}
+        return draws, flags, float(kernel.step_size)
+
+    chains = run_chains(one_chain, len(starts), parallel)
+    draws = {k: torch.stack([chain[0][k] for chain in chains]) for k in program.sites}
     n_iter = len(starts) * (num_samples + warmup_steps)
-    return NUTSFit(draws, torch.stack(diverging), n_iter, step_size)
+    return NUTSFit(
+        draws, torch.stack([chain[1] for chain in chains]), n_iter, [c[2] for c in chains]
+    )

@@ -80,7 +80,7 @@ _FAST = os.environ.get("ELBOLAB_FAST", "") not in ("", "0")
 #: defaults of the sampling schemes (smaller under ELBOLAB_FAST=1)
 SVI_STEPS = 300 if _FAST else 500
 NUM_SAMPLES = 100 if _FAST else 400
-WARMUP_STEPS = 100 if _FAST else 300
+WARMUP_STEPS = 100 if _FAST else 200
 NUM_CHAINS = 2
 
 
@@ -306,6 +306,7 @@ def _validate_nuts(
     potential,
     rhat_max,
     progress,
+    parallel_chains,
     **options,
 ) -> None:
     """Options of ``nuts``: chain sizes, the sampler's settings and the R-hat threshold."""
@@ -331,6 +332,8 @@ def _validate_nuts(
     check_choice_option("potential", potential, ("vectorized", "enumerated"))
     check_number_option("rhat_max", rhat_max, low=1, low_open=True, example=RHAT_MAX)
     check_bool_option("progress", progress)
+    if parallel_chains is not None:
+        check_bool_option("parallel_chains", parallel_chains)
 
 
 # ---------------------------------------------------------------------------- collapse
@@ -611,8 +614,13 @@ def nuts(
     rhat_max=RHAT_MAX,
     progress=False,
     num_threads=1,
+    parallel_chains=None,
 ) -> SchemeFit:
-    """NUTS under the weak prior, z summed out; draws relabelled, R-hat and divergences flagged."""
+    """NUTS under the weak prior, z summed out; draws relabelled, R-hat and divergences flagged.
+
+    ``parallel_chains``: run the chains in processes side by side (``None``: where two
+    cores are free; the draws are the same either way, :mod:`.chains`).
+    """
     starts = []
     for c in range(num_chains):
         start = copy.deepcopy(model)
@@ -632,6 +640,7 @@ def nuts(
             potential=potential,
             seed=seed,
             progress=progress,
+            parallel=parallel_chains,
         )
     relabelled, report = relabel(fit.draws, program.prior)
     idata = to_inference_data(program, relabelled, x, diverging=fit.diverging)

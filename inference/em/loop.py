@@ -33,7 +33,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ...guides import ExactPosterior
 from ...models.base import MixtureModel, check_positive_int
@@ -41,6 +40,7 @@ from .data import DEFAULT_CHUNK_SIZE, DataSource
 from .family import Chunk, EChunk
 from .fitter import EMResult, Fitter, real_number
 from .gradient import elbo_loss
+from .progress import progress_bar, report
 
 M_STEPS = ("auto", "closed-form", "gradient")
 
@@ -123,7 +123,9 @@ class EM(Fitter):
     warm_start:
         Start from the model's current parameters if it already has some.
     progress:
-        Show a progress bar (it appears only for fits longer than a second).
+        Show a progress bar: iterations, and the last change of the bound against ``tol``
+        (:mod:`.progress`). It appears for fits longer than a second, on a terminal or in a
+        notebook; nothing is written where stderr is not a terminal (a log file, a pipe).
     callback:
         ``callback(iteration, model)`` after the start (0) and each iteration.
 
@@ -365,26 +367,22 @@ class EM(Fitter):
         e = self._e_pass(source, "the E-step pass at the start")
         lls, lbs = [e.log_lik / e.weight], []
         previous, converged, it = lls[0], False, 0  # after an E-step, bound = ll (EM-TIGHT)
-        bar = tqdm(
-            total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False
-        )
-        for it in range(1, self.max_iter + 1):
-            family.m_step(self, e.stats, e.rows)  # (EM-MIX.2/3, LG-EM, HMM-M)
-            # LB(q_t, theta_t+1) = Q(theta_t, theta_t+1) + H(q_t)    (LB-1, EM-MIX.LB)
-            bound = (family.expected_log_joint(self, e.stats) + e.entropy) / e.weight
-            self._check_finite()
-            e = self._e_pass(source, f"the E-step pass of iteration {it}")
-            lbs.append(bound)
-            lls.append(e.log_lik / e.weight)
-            if self.callback is not None:
-                self.callback(it, model)
-            bar.update(1)
-            bar.set_postfix(bound=f"{bound:.6g}", refresh=False)
-            if abs(bound - previous) < self.tol:
-                converged = True
-                break
-            previous = bound
-        bar.close()
+        with progress_bar(self.progress, desc) as bar:
+            for it in range(1, self.max_iter + 1):
+                family.m_step(self, e.stats, e.rows)  # (EM-MIX.2/3, LG-EM, HMM-M)
+                # LB(q_t, theta_t+1) = Q(theta_t, theta_t+1) + H(q_t)    (LB-1, EM-MIX.LB)
+                bound = (family.expected_log_joint(self, e.stats) + e.entropy) / e.weight
+                self._check_finite()
+                e = self._e_pass(source, f"the E-step pass of iteration {it}")
+                lbs.append(bound)
+                lls.append(e.log_lik / e.weight)
+                if self.callback is not None:
+                    self.callback(it, model)
+                report(bar, abs(bound - previous), self.tol, bound=bound)
+                if abs(bound - previous) < self.tol:
+                    converged = True
+                    break
+                previous = bound
         return EMResult(lls, lbs, converged, it, family.kind, n_passes=it + 1)
 
     # ------------------------------------------------------------------ stochastic EM
@@ -456,49 +454,55 @@ class EM(Fitter):
         # all of the data where its size is known, otherwise the rows seen so far
         n_total = source.x.shape[0] if source.in_memory else source.n_rows
         running, t, lls, converged, seen = None, 0, [], False, 0
-        bar = tqdm(total=passes, desc=desc, delay=1.0, disable=not self.progress, leave=False)
-        for epoch in range(1, passes + 1):
-            ll_sum, weight_sum = 0.0, 0.0
-            for chunk in self._minibatches(source, generator):
-                if chunk.rows == 0:  # every row of it had weight 0
-                    continue
-                t += 1
-                seen += chunk.rows
-                if not closed:
-                    e = family.e_step(self, chunk, **plate)  # at theta_{t-1}
-                    self._svi_step(
-                        optimizer, chunk.x, chunk.w, total_weight if plate else e.weight, plate
-                    )
-                else:
-                    if family.summarises:
-                        shift = chunk.x.mean(0)
-                        chunk = Chunk(
-                            None, summary=family.summarize(self, chunk, shift), n_rows=chunk.rows
+        with progress_bar(self.progress, desc, unit="pass") as bar:
+            for epoch in range(1, passes + 1):
+                ll_sum, weight_sum = 0.0, 0.0
+                for chunk in self._minibatches(source, generator):
+                    if chunk.rows == 0:  # every row of it had weight 0
+                        continue
+                    t += 1
+                    seen += chunk.rows
+                    if not closed:
+                        e = family.e_step(self, chunk, **plate)  # at theta_{t-1}
+                        self._svi_step(
+                            optimizer, chunk.x, chunk.w, total_weight if plate else e.weight, plate
                         )
-                    e = family.e_step(self, chunk)  # at theta_{t-1}
-                    sbar = family.scaled(e.stats, 1.0 / e.weight)  # the sums per unit weight
-                    gamma = float(self._gamma(t))
-                    if not 0 < gamma <= 1:
-                        raise ValueError(f"step_size gave gamma_{t} = {gamma}; keep it in (0, 1]")
-                    # s_t = (1 - gamma_t) s_{t-1} + gamma_t sbar_t
-                    running = (
-                        sbar if running is None else family.combine(running, sbar, 1 - gamma, gamma)
-                    )
-                    family.m_step(self, running, n_total or seen)  # theta_t = theta(s_t)
-                ll_sum += e.log_lik
-                weight_sum += e.weight
-                self._check_finite()
-            if weight_sum == 0:
-                raise ValueError("the data have no rows; pass at least one non-empty chunk.")
-            lls.append(ll_sum / weight_sum)
-            if self.callback is not None:
-                self.callback(epoch, model)
-            bar.update(1)
-            # the pass averages of log p(x_d) (each at the theta of its minibatch) settle
-            if len(lls) > 1 and abs(lls[-1] - lls[-2]) < self.tol:
-                converged = True
-                break
-        bar.close()
+                    else:
+                        if family.summarises:
+                            shift = chunk.x.mean(0)
+                            chunk = Chunk(
+                                None,
+                                summary=family.summarize(self, chunk, shift),
+                                n_rows=chunk.rows,
+                            )
+                        e = family.e_step(self, chunk)  # at theta_{t-1}
+                        sbar = family.scaled(e.stats, 1.0 / e.weight)  # the sums per unit weight
+                        gamma = float(self._gamma(t))
+                        if not 0 < gamma <= 1:
+                            raise ValueError(
+                                f"step_size gave gamma_{t} = {gamma}; keep it in (0, 1]"
+                            )
+                        # s_t = (1 - gamma_t) s_{t-1} + gamma_t sbar_t
+                        running = (
+                            sbar
+                            if running is None
+                            else family.combine(running, sbar, 1 - gamma, gamma)
+                        )
+                        family.m_step(self, running, n_total or seen)  # theta_t = theta(s_t)
+                    ll_sum += e.log_lik
+                    weight_sum += e.weight
+                    self._check_finite()
+                if weight_sum == 0:
+                    raise ValueError("the data have no rows; pass at least one non-empty chunk.")
+                lls.append(ll_sum / weight_sum)
+                if self.callback is not None:
+                    self.callback(epoch, model)
+                change = abs(lls[-1] - lls[-2]) if len(lls) > 1 else float("inf")
+                report(bar, change, self.tol, loglik=lls[-1])
+                # the pass averages of log p(x_d) (each at the theta of its minibatch) settle
+                if change < self.tol:
+                    converged = True
+                    break
         return EMResult(
             lls,
             [],

@@ -486,7 +486,8 @@ class SVITrainer:
         reports it); to change the rate after loading, set ``group["lr"]`` for every
         group in ``trainer.optimizer.param_groups``.
     progress:
-        Show a progress bar over epochs (after a second).
+        Show a progress bar over epochs (after a second), on a terminal or in a notebook;
+        nothing is written where stderr is not a terminal (a log file, a pipe).
     latent_site:
         The site whose KL term the warm-up scales; default the model's ``latent_site``
         attribute, else ``"z"``. It must be one of the model's latent sites.
@@ -758,7 +759,7 @@ class SVITrainer:
             range(done + 1, done + epochs + 1),
             desc="SVI",
             delay=1.0,
-            disable=not self.progress,
+            disable=None if self.progress else True,  # (none where stderr is no terminal)
             leave=False,
         )
         for epoch in bar:
