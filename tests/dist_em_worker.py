@@ -50,11 +50,7 @@ start = {  # a complete start: the same on every rank and in one process
 }
 fit_args = {}
 if scenario in ("hmm", "ppca"):
-    model = (
-        GaussianHMM(3, "diag")
-        if scenario == "hmm"
-        else FactorAnalysis(x.shape[1], 2).double()
-    )
+    model = GaussianHMM(3, "diag") if scenario == "hmm" else FactorAnalysis(x.shape[1], 2).double()
     start = hmm_start(x) if scenario == "hmm" else "random"
     if scenario == "hmm":  # whole sequences to each rank: the first half of them to rank 0
         lengths = np.load(data_path + ".lengths.npy")
