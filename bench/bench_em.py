@@ -41,11 +41,15 @@ What is measured
     shared start. Per iteration = (time of a fit of ``hi`` iterations - time of a fit of
     ``lo`` iterations) / (hi - lo) for both libraries (tol=0, from the same weights,
     means and covariances; scikit-learn's ``max_iter`` from ``means_init``,
-    ``weights_init``, ``precisions_init``), so each library's set-up cancels out; the
-    short fit's time is printed too, with the process's first fit of each shape. torch's
-    threads and scikit-learn's BLAS threads are each tried at the core count and at 1;
-    the faster is used. Round-robin repeats, best of each. Targets: ours / sklearn <= 2
-    at N = 272, <= 1 at N = 2,000.
+    ``weights_init``, ``precisions_init``): its own set-up and ours (validation, the
+    recording of the iteration) cancel out, and are printed as the time of the short fit,
+    with the time of the process's first fit of each shape (which records the iteration:
+    later fits of the same structure replay it). Also timed: ours with
+    ``ExactPosterior(model, record=False)`` (Pyro's enumeration and the iteration run
+    eagerly every time). torch's threads and scikit-learn's BLAS threads are each tried
+    at the core count and at 1 (on a loaded machine, idle OpenMP threads spinning beside
+    the main one slow small operations several-fold); the faster is used. Round-robin
+    repeats, best of each. Targets: ours / sklearn <= 2 at N = 272, <= 1 at N = 2,000.
 
 scikit-learn computes with numpy's BLAS (OpenBLAS), whose thread pool is separate from
 torch's. Multithreaded OpenBLAS turned out to be *slower* for sklearn's many small BLAS
@@ -396,7 +400,7 @@ def small_start(x: np.ndarray, k: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def bench_small(repeats: int) -> list[dict]:
-    """4: per-iteration seconds of ours and scikit-learn's."""
+    """4: per-iteration seconds of ours (recorded, and eager) and scikit-learn's."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture as SkGM
     from threadpoolctl import threadpool_limits
@@ -411,13 +415,13 @@ def bench_small(repeats: int) -> list[dict]:
         precisions = np.linalg.inv(start["covariances"])
         xt = torch.as_tensor(x)
 
-        def ours(n, threads, k=k, start=start, xt=xt):
+        def ours(n, threads, record=True, k=k, start=start, xt=xt):
             torch.set_num_threads(threads)
             model = GaussianMixture(k, covariance_type="full")
             t0 = time.perf_counter()
             res = EM(
                 model,
-                ExactPosterior(model),
+                ExactPosterior(model, record=record),
                 init=dict(start),
                 tol=0.0,
                 max_iter=n,
@@ -446,9 +450,13 @@ def bench_small(repeats: int) -> list[dict]:
         lls = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            cold = ours(SMALL_HI, 1)[0]  # the process's first fit of this shape
+            # the first fit of this shape in the process records its iteration
+            cold = ours(SMALL_HI, 1)[0]
             for _ in range(repeats):  # round-robin: load hits every contender alike
                 contenders = [(("ours", t), lambda n, t=t: ours(n, t)) for t in blas_settings()]
+                contenders += [
+                    (("eager", t), lambda n, t=t: ours(n, t, record=False)) for t in blas_settings()
+                ]
                 contenders += [(("sk", b), lambda n, b=b: sk(n, b)) for b in blas_settings()]
                 for who, fn in contenders:
                     for n in (SMALL_LO, SMALL_HI):
@@ -458,7 +466,7 @@ def bench_small(repeats: int) -> list[dict]:
                             lls[who] = ll
         torch.set_num_threads(n_cores())
         row = {"name": name, "n": x.shape[0], "k": k, "cold": cold}
-        for who in ("ours", "sk"):
+        for who in ("ours", "eager", "sk"):
             setting = min(blas_settings(), key=lambda t, who=who: best[((who, t), SMALL_HI)])
             hi, lo = best[((who, setting), SMALL_HI)], best[((who, setting), SMALL_LO)]
             row[who] = (hi - lo) / (SMALL_HI - SMALL_LO)
@@ -511,22 +519,26 @@ def main_small(repeats: int) -> None:
     print("-" * 100)
     print(
         f"{'workload':<28} {'N':>6} {'K':>2} {'ours s/it':>10} {'sklearn s/it':>12} "
-        f"{'ratio':>6} {'target':>6}  notes"
+        f"{'ratio':>6} {'target':>6} {'eager s/it':>10}  notes"
     )
     for r in rows:
         target = "<=2" if r["n"] < 1_000 else "<=1"
         print(
             f"{r['name']:<28} {r['n']:>6,} {r['k']:>2} {r['ours']:10.2e} {r['sk']:12.2e} "
-            f"{r['ours'] / r['sk']:6.2f} {target:>6}  ll "
+            f"{r['ours'] / r['sk']:6.2f} {target:>6} {r['eager']:10.2e}  ll "
             f"{r['ours_ll']:.10f} vs {r['sk_ll']:.10f}; threads torch {r['ours_threads']}, "
             f"sk blas {r['sk_threads']}"
         )
         print(
-            f"{'':<28} {SMALL_LO}-iteration fit: ours {r['ours_lo'] * 1e3:.0f} ms, "
-            f"sklearn {r['sk_lo'] * 1e3:.0f} ms; the process's "
-            f"first {SMALL_HI}-iteration fit of this shape (1 thread) "
+            f"{'':<28} {SMALL_LO}-iteration fit: ours {r['ours_lo'] * 1e3:.0f} ms, eager "
+            f"{r['eager_lo'] * 1e3:.0f} ms, sklearn {r['sk_lo'] * 1e3:.0f} ms; the process's "
+            f"first {SMALL_HI}-iteration fit of this shape (records it; 1 thread) "
             f"{r['cold'] * 1e3:.0f} ms"
         )
+    print(
+        "eager = ExactPosterior(model, record=False): Pyro's enumeration and the iteration "
+        "run as written, every iteration"
+    )
     print("=" * 100)
 
 

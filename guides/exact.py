@@ -15,6 +15,11 @@ theta~ is held fixed for the M-step: :meth:`ExactPosterior.refresh` (the E-step,
 step 1) copies the model's current parameters into a frozen twin; until the next refresh
 the guide answers from that twin, whatever the optimiser does to the model. Before the
 first refresh the guide follows the live model (without gradients).
+
+The twin's enumeration is recorded once per data shape and replayed
+(:class:`~elbolab.models.enumeration.RecordedJoint`): the same torch operations on the same
+tensors, without Pyro's handlers. ``ExactPosterior(model, record=False)`` runs Pyro's
+enumeration on every call.
 """
 
 from __future__ import annotations
@@ -30,7 +35,18 @@ from pyro import poutine
 from pyro.nn import PyroModule
 
 from ..models.base import MixtureModel
-from ..models.enumeration import EnumeratedJoint, FactorGraph, enumerate_factors, enumerate_joint
+from ..models.enumeration import (
+    EnumeratedJoint,
+    FactorGraph,
+    RecordedJoint,
+    enumerate_factors,
+    enumerate_joint,
+    tensor_state,
+)
+
+#: calls with one data shape before the twin's enumeration is recorded: recording costs as
+#: much as ten to twenty eager calls on a few hundred rows, so short fits never pay it
+RECORD_AFTER = 8
 
 
 class ExactPosterior(PyroModule):
@@ -43,17 +59,26 @@ class ExactPosterior(PyroModule):
         are discrete with finite support, each inside the plates of the data.
     max_plate_nesting:
         Number of plates around the latent sites (1 for the mixtures).
+    record:
+        Record the frozen twin's enumeration once per data shape (at its
+        ``RECORD_AFTER``-th call) and replay it
+        (:class:`~elbolab.models.enumeration.RecordedJoint`; the same table, computed
+        without Pyro's bookkeeping); ``False`` runs Pyro's enumeration on every call.
 
     Call it exactly like the model: ``guide(x)`` / ``guide(x, sample_weight)``.
     """
 
-    def __init__(self, model, max_plate_nesting: int = 1) -> None:
+    def __init__(self, model, max_plate_nesting: int = 1, record: bool = True) -> None:
         super().__init__()
         # A tuple keeps the model out of this module's parameters and state_dict.
         self._model_ref = (model,)
         self.max_plate_nesting = max_plate_nesting
         self._frozen: tuple = ()  # (frozen copy of the model holding theta~,) or ()
         self._cache: tuple[tuple, EnumeratedJoint] | None = None
+        self.record = bool(record)
+        self.recorded = RecordedJoint(record_after=RECORD_AFTER)
+        # (the model's tensor_state, its tensors, the twin's): theta~ := theta by copies
+        self._pairs: tuple | None = None
 
     @property
     def model(self):
@@ -67,21 +92,38 @@ class ExactPosterior(PyroModule):
         With data arguments, the posterior for them is computed now and cached, so the
         M-step that follows reuses it.
         """
+        self._freeze()
+        self._cache = None
+        if args or kwargs:
+            self._cache = (self._key(args, kwargs), self._enumerate(args, kwargs))
+        return self
+
+    def _freeze(self) -> None:
+        """theta~ := theta: the model's state copied into the twin (made on first use, and
+        again when the model's tensors change shape)."""
         model, twin = self.model, self.twin
-        state = model.state_dict()
+        pairs, state = self._pairs, tensor_state(model)
+        if twin is not None and pairs is not None and pairs[0] == state:
+            torch._foreach_copy_(pairs[2], pairs[1])  # what load_state_dict copies
+            return
+        live = model.state_dict(keep_vars=True)
         if twin is None or {k: v.shape for k, v in twin.state_dict().items()} != {
-            k: v.shape for k, v in state.items()
+            k: v.shape for k, v in live.items()
         }:
             twin = copy.deepcopy(model)
             for p in twin.parameters():
                 p.requires_grad_(False)
             self._frozen = (twin,)  # a tuple keeps it out of this module's submodules
+            self.recorded.clear()  # its recordings read the old twin's tensors
         else:
-            twin.load_state_dict(state)
-        self._cache = None
-        if args or kwargs:
-            self._cache = (self._key(args, kwargs), self._enumerate(args, kwargs))
-        return self
+            twin.load_state_dict(live)
+        mine = twin.state_dict(keep_vars=True)
+        self._pairs = None
+        if set(mine) == set(live) and all(
+            isinstance(v, torch.Tensor) and mine[k].dtype == v.dtype for k, v in live.items()
+        ):
+            names = sorted(live)
+            self._pairs = (state, [live[k] for k in names], [mine[k] for k in names])
 
     @torch.no_grad()
     def fix(self, log_probs: torch.Tensor, *args, **kwargs) -> ExactPosterior:
@@ -107,7 +149,8 @@ class ExactPosterior(PyroModule):
 
     def release(self) -> ExactPosterior:
         """Drop theta~: the guide follows the live model again."""
-        self._frozen, self._cache = (), None
+        self._frozen, self._cache, self._pairs = (), None, None
+        self.recorded.clear()
         return self
 
     @property
@@ -139,10 +182,20 @@ class ExactPosterior(PyroModule):
     def _enumerate(self, args, kwargs) -> EnumeratedJoint | FactorGraph:
         source = self.twin if self.frozen else self.model
         if self._joint_path():
-            return enumerate_joint(
-                source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs
-            )
+            # the twin changes only by refresh (the live model may be inside an optimiser's
+            # step, and is enumerated as it is)
+            enumerate_fn = self.recorded if self.record and self.frozen else enumerate_joint
+            return enumerate_fn(source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs)
         return enumerate_factors(source, *args, max_plate_nesting=self.max_plate_nesting, **kwargs)
+
+    def replays(self, *args, **kwargs) -> bool:
+        """Whether the twin's enumeration for these arguments is replayed from a recording
+        (a refresh with them has recorded it)."""
+        if not (self.record and self.frozen and self._joint_path()):
+            return False
+        with torch.no_grad():  # (as a refresh enumerates)
+            key = self.recorded._key(self.twin, args, kwargs, self.max_plate_nesting)
+        return key is not None and self.recorded.recordings.get(key) is not None
 
     def _posterior(self, args, kwargs) -> EnumeratedJoint | FactorGraph:
         if self._cache is not None and self._cache[0] == self._key(args, kwargs):

@@ -15,12 +15,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
-from tqdm.auto import tqdm
 
 from ..guides import ExactPosterior
 from ..models.base import MixtureModel
 from ..models.enumeration import enumerate_joint
 from .em.fitter import EMResult, Fitter
+from .em.progress import progress_bar, report
 
 
 def _no_guide(*args, **kwargs) -> None:
@@ -129,28 +129,25 @@ class DirectML(Fitter):
         lls = [float(marginal_log_likelihood(model, x, w).detach()) / total]
         converged = False
         last_good = [p.detach().clone() for p in params]
-        bar = tqdm(
-            total=self.max_iter, desc=desc, delay=1.0, disable=not self.progress, leave=False
-        )
-        for _ in range(self.max_iter):
-            opt.step(closure)
-            ll = float(marginal_log_likelihood(model, x, w).detach()) / total
-            with torch.no_grad():
-                if not np.isfinite(ll) or any(not bool(torch.isfinite(p).all()) for p in params):
-                    for p, p0 in zip(params, last_good, strict=True):
-                        p.copy_(p0)
-                    raise ValueError(
-                        "direct maximisation produced non-finite parameters; the last finite "
-                        "parameters were kept. Lower lr, raise reg_covar or scale the data."
-                    )
-                last_good = [p.detach().clone() for p in params]
-            lls.append(ll)
-            if self.callback is not None:
-                self.callback(len(lls) - 1, model)
-            bar.update(1)
-            bar.set_postfix(loglik=f"{ll:.6g}", refresh=False)
-            if abs(lls[-1] - lls[-2]) < self.tol:
-                converged = True
-                break
-        bar.close()
+        with progress_bar(self.progress, desc) as bar:
+            for _ in range(self.max_iter):
+                opt.step(closure)
+                ll = float(marginal_log_likelihood(model, x, w).detach()) / total
+                with torch.no_grad():
+                    finite = all(bool(torch.isfinite(p).all()) for p in params)
+                    if not np.isfinite(ll) or not finite:
+                        for p, p0 in zip(params, last_good, strict=True):
+                            p.copy_(p0)
+                        raise ValueError(
+                            "direct maximisation produced non-finite parameters; the last finite "
+                            "parameters were kept. Lower lr, raise reg_covar or scale the data."
+                        )
+                    last_good = [p.detach().clone() for p in params]
+                lls.append(ll)
+                if self.callback is not None:
+                    self.callback(len(lls) - 1, model)
+                report(bar, abs(lls[-1] - lls[-2]), self.tol, loglik=ll)
+                if abs(lls[-1] - lls[-2]) < self.tol:
+                    converged = True
+                    break
         return EMResult(lls, lls[1:], converged, len(lls) - 1, "direct")

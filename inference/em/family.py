@@ -127,6 +127,16 @@ class Family:
         """Q(theta~, theta) = E_q[log p(x, z; theta)] at ``em.model``'s theta, from the sums."""
         raise NotImplementedError  # pragma: no cover - interface
 
+    def maximize(self, em, stats: Stats, rows: float) -> float:
+        """The M-step, then Q(theta~, theta) at the new theta: what the loop asks for.
+
+        A family may take Q from the M-step's own quantities (the mixtures do: the
+        closed forms make the trace terms of Q known); by default :meth:`m_step`, then
+        :meth:`expected_log_joint`.
+        """
+        self.m_step(em, stats, rows)
+        return self.expected_log_joint(em, stats)
+
     def empty_stats(self, em) -> Stats:
         """The sums of no data (an empty shard still sends its zeros)."""
         raise NotImplementedError  # pragma: no cover - interface

@@ -25,6 +25,7 @@ from torch.distributions import constraints
 
 from ...guides import ExactGaussianPosterior, ExactPosterior
 from ...models.base import MixtureModel, as_data_tensor, as_tensor, check_seed
+from ...models.enumeration import holds
 from ...models.hmm import HiddenMarkovModel, check_lengths
 from ...models.linear_gaussian import LinearGaussian
 from .data import (
@@ -219,7 +220,9 @@ class Fitter:
     warm_start:
         Start from the model's current parameters if it already has some.
     progress:
-        Show a progress bar (it appears only for fits longer than a second).
+        Show a progress bar (:mod:`.progress`: iterations and the last change against
+        ``tol``), for fits longer than a second, on a terminal or in a notebook; nothing
+        is written where stderr is not a terminal.
     callback:
         ``callback(iteration, model)`` after the start (0) and each iteration.
     """
@@ -555,7 +558,7 @@ class Fitter:
         self._check_finite(restore=False)
 
     def _check_finite(self, restore: bool = True) -> None:
-        if parameters_finite(self.model):
+        if holds(finite_flag(self.model)):
             return
         if restore and self.guide.frozen:
             self.model.load_state_dict(self.guide.twin.state_dict())
@@ -568,6 +571,12 @@ class Fitter:
 def parameters_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter is finite; -inf is allowed where a simplex's unconstrained
     logits hold an exact zero probability (a forbidden transition stays forbidden)."""
+    return bool(finite_flag(module))
+
+
+def finite_flag(module: torch.nn.Module) -> torch.Tensor:
+    """:func:`parameters_finite` as a boolean tensor (read once, or checked later)."""
+    flags = []
     for sub in module.modules():
         simplex = {
             name + "_unconstrained"
@@ -575,10 +584,13 @@ def parameters_finite(module: torch.nn.Module) -> bool:
             if constraint is constraints.simplex
         }
         for name, p in sub.named_parameters(recurse=False):
-            ok = ~torch.isnan(p) & (p < math.inf) if name in simplex else torch.isfinite(p)
-            if not bool(ok.all()):
-                return False
-    return True
+            if name in simplex:
+                flags.append((~torch.isnan(p) & (p < math.inf)).all())
+            else:
+                flags.append(torch.isfinite(p).all())
+    if not flags:
+        return torch.tensor(True)
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
 
 def _is_floating(values) -> bool:

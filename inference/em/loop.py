@@ -41,6 +41,7 @@ from .family import Chunk, EChunk
 from .fitter import EMResult, Fitter, real_number
 from .gradient import elbo_loss
 from .progress import progress_bar, report
+from .recorded import RecordedStep
 
 M_STEPS = ("auto", "closed-form", "gradient")
 
@@ -125,7 +126,8 @@ class EM(Fitter):
     progress:
         Show a progress bar: iterations, and the last change of the bound against ``tol``
         (:mod:`.progress`). It appears for fits longer than a second, on a terminal or in a
-        notebook; nothing is written where stderr is not a terminal (a log file, a pipe).
+        notebook, and is removed when the fit stops; where stderr is not a terminal (a
+        log file, a pipe) nothing is written, as tqdm does with ``disable=None``.
     callback:
         ``callback(iteration, model)`` after the start (0) and each iteration.
 
@@ -367,13 +369,22 @@ class EM(Fitter):
         e = self._e_pass(source, "the E-step pass at the start")
         lls, lbs = [e.log_lik / e.weight], []
         previous, converged, it = lls[0], False, 0  # after an E-step, bound = ll (EM-TIGHT)
+        recorded = None
+        if closed and source.in_memory and RecordedStep.applies(self, source.x):
+            recorded = self._recorded_step = RecordedStep(self, source.x, source.w)
         with progress_bar(self.progress, desc) as bar:
             for it in range(1, self.max_iter + 1):
-                family.m_step(self, e.stats, e.rows)  # (EM-MIX.2/3, LG-EM, HMM-M)
+                step = None if recorded is None else recorded(e)  # the same, replayed
+                if step is not None:
+                    q, e_next = step
+                else:
+                    # the M-step (EM-MIX.2/3, LG-EM, HMM-M), and Q(theta_t, theta_t+1)
+                    q = family.maximize(self, e.stats, e.rows)
+                    self._check_finite()
+                    e_next = self._e_pass(source, f"the E-step pass of iteration {it}")
                 # LB(q_t, theta_t+1) = Q(theta_t, theta_t+1) + H(q_t)    (LB-1, EM-MIX.LB)
-                bound = (family.expected_log_joint(self, e.stats) + e.entropy) / e.weight
-                self._check_finite()
-                e = self._e_pass(source, f"the E-step pass of iteration {it}")
+                bound = (q + e.entropy) / e.weight
+                e = e_next
                 lbs.append(bound)
                 lls.append(e.log_lik / e.weight)
                 if self.callback is not None:
