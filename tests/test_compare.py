@@ -43,6 +43,7 @@ from elbolab.inference import (
     select_k,
 )
 from elbolab.inference.compare.bayesian import (
+    RecordedPotential,
     elbo_estimate,
     mean_field_loss,
     mean_field_losses,
@@ -479,6 +480,44 @@ def test_vectorized_potential_is_pyros_enumerated_potential(family):
         gb = torch.autograd.grad(ub, list(b.values()))
         for u, v in zip(ga, gb, strict=True):
             torch.testing.assert_close(u, v, rtol=EXACT, atol=EXACT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_potential_is_the_potential(family):
+    """The recorded replay of U and its gradient gives the values of the function itself
+    (the same operations on the same tensors: exact path, 1e-10) at the point it was
+    recorded at and at others, and under no_grad its value; NUTS on it draws the chains
+    of the function itself."""
+    program, model, x = program_for(family)
+    plain = program.potential(x)
+    recorded = RecordedPotential(plain)
+    transforms = program.transforms()
+    start = {k: transforms[k].inv(v) for k, v in program.prior.site_values(model).items()}
+    g = torch.Generator().manual_seed(2)
+    points = [start] + [
+        {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in start.items()}
+        for _ in range(2)
+    ]
+    for point in points:
+        a = {k: v.clone().requires_grad_() for k, v in point.items()}
+        b = {k: v.clone().requires_grad_() for k, v in point.items()}
+        ua, ub = plain(a), recorded(b)
+        assert float(ub.detach()) == pytest.approx(float(ua.detach()), rel=EXACT, abs=EXACT)
+        for u, v in zip(
+            torch.autograd.grad(ua, list(a.values())),
+            torch.autograd.grad(ub, list(b.values())),
+            strict=True,
+        ):
+            torch.testing.assert_close(v, u, rtol=EXACT, atol=EXACT)
+        with torch.no_grad():
+            assert float(recorded(point)) == pytest.approx(float(ua.detach()), rel=EXACT)
+    assert recorded.run not in (None, False)  # it was recorded, not run as it is
+    starts = [program.prior.site_values(model)]
+    opts = {"num_samples": 6, "warmup_steps": 6, "seed": 1, "parallel": False}
+    a = sample_nuts(program, x, starts, potential="recorded", **opts)
+    b = sample_nuts(program, x, starts, potential="vectorized", **opts)
+    for k in program.sites:
+        torch.testing.assert_close(a.draws[k], b.draws[k], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

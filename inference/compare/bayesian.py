@@ -19,11 +19,13 @@ exactly (EM-MIX.1's sum over k) and only theta is approximated:
   (:mod:`.chains`) where two cores are free.
 
 NUTS gets the potential -log p(theta, x) with z summed out either from
-:meth:`BayesianMixture.potential` (``potential="vectorized"``, the default): the value
-Pyro derives from the program written directly as a prior term plus a logsumexp over
-components, about twice as fast per gradient (tests check the two agree to 1e-10); or
-from Pyro itself (``"enumerated"``: the program above run under enumeration at every
-leapfrog step). Mean-field SVI's loss likewise (``elbo="vectorized"`` or ``"pyro"``).
+:meth:`BayesianMixture.potential` (``potential="vectorized"``): the value Pyro derives
+from the program written directly as a prior term plus a logsumexp over components, about
+twice as fast per gradient (tests check the two agree to 1e-10); the same function with
+its gradient recorded once and replayed by TorchScript (``"recorded"``, the default,
+:class:`RecordedPotential`); or from Pyro itself (``"enumerated"``: the program above run
+under enumeration at every leapfrog step). Mean-field SVI's loss likewise
+(``elbo="vectorized"`` or ``"pyro"``).
 
 Parameters of the guides are module-local (``AutoNormal``/``AutoDelta`` are
 ``PyroModule`` s); nothing is put in Pyro's global param store.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -291,7 +294,8 @@ def fit_mean_field(
     steps with one particle per step, the learning rate decaying geometrically from ``lr``
     to ``final_lr``. The loss of each step is the value of Pyro's ``TraceEnum_ELBO``
     computed by :func:`mean_field_loss` (``elbo="vectorized"``, the default: a direct
-    evaluation several times faster, tested equal to Pyro's with the same random state)
+    evaluation several times faster, tested equal to Pyro's with the same random state,
+    its potential and gradient replayed from one recording, :class:`RecordedPotential`)
     or Pyro's ``TraceEnum_ELBO`` itself (``"pyro"``). The final bound is
     re-estimated with ``elbo_particles`` particles (:func:`elbo_estimate`, with the same
     ``elbo``), and ``num_samples`` draws of theta are taken from q.
@@ -307,7 +311,7 @@ def fit_mean_field(
     optimizer = torch.optim.Adam(params, lr=lr)
     decay = (final_lr / lr) ** (1.0 / max(steps, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
-    pyro_elbo, potential, bounds = _elbo(), program.potential(x), []
+    pyro_elbo, potential, bounds = _elbo(), RecordedPotential(program.potential(x)), []
     for _ in range(steps):
         optimizer.zero_grad()
         try:
@@ -334,6 +338,81 @@ def fit_mean_field(
     return MeanFieldFit(guide, value, se, draws, bounds, steps)
 
 
+class _ValueWithGradient(torch.autograd.Function):
+    """U(u) whose gradient is the one the recording computed with it (no graph of its own)."""
+
+    @staticmethod
+    def forward(ctx, run, *us):
+        value, *grads = run(*us)
+        ctx.save_for_backward(*grads)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        return (None, *(grad_value * g for g in ctx.saved_tensors))
+
+
+class RecordedPotential:
+    """A potential U and its gradient, recorded once as one graph and replayed by TorchScript.
+
+    NUTS evaluates U and dU/du thousands of times at one shape; on a few hundred data
+    points each evaluation is ~150 small tensor operations forward and as many backward,
+    and what they cost is the per-operation overhead of running them one by one. The
+    first call records every ATen operation of U and of autograd's gradient of it
+    (:func:`~elbolab.models.enumeration.record_ops`: forward and backward, below autograd)
+    and traces that graph into TorchScript; every call then runs the same operations on
+    the same tensors in TorchScript's interpreter, about twice as fast, returning U with
+    the recorded gradient attached (``tests/test_compare.py`` checks value and gradient
+    against the function itself). A function that cannot be recorded (it reads a value
+    into Python) runs as it is.
+    """
+
+    def __init__(self, potential_fn) -> None:
+        self.potential_fn = potential_fn
+        self.names: list[str] | None = None
+        self.run = None
+
+    def _value_and_grad(self, *us: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            u = {n: t.detach().requires_grad_() for n, t in zip(self.names, us, strict=True)}
+            value = self.potential_fn(u)
+            grads = torch.autograd.grad(value, [u[n] for n in self.names])
+        return (value.detach(), *grads)
+
+    def _record(self, us: tuple) -> None:
+        from ...models.enumeration import ReadsValue, record_ops, tidy
+
+        try:
+            graph, _ = record_ops(self._value_and_grad, tuple(t.detach() for t in us))
+            tidy(graph)  # views that change nothing, detaches: gone (every value kept)
+            graph.compile()
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                example = tuple(t.detach().clone() for t in us)
+                self.run = torch.jit.trace(graph, example, check_trace=False)
+        except ReadsValue:
+            self.run = False
+
+    @staticmethod
+    def _signature(unconstrained: dict[str, torch.Tensor]) -> tuple:
+        return tuple((n, t.shape, t.dtype) for n, t in sorted(unconstrained.items()))
+
+    def __call__(self, unconstrained: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.names is None:
+            self.names = sorted(unconstrained)
+            self.signature = self._signature(unconstrained)
+        if self.run is False or self._signature(unconstrained) != self.signature:
+            return self.potential_fn(unconstrained)  # (another shape: as it is)
+        us = tuple(unconstrained[n] for n in self.names)
+        if self.run is None:
+            self._record(us)
+            if self.run is False:
+                return self.potential_fn(unconstrained)
+        if not torch.is_grad_enabled():
+            return self.run(*us)[0]
+        return _ValueWithGradient.apply(self.run, *us)
+
+
 def sample_nuts(
     program: BayesianMixture,
     x: torch.Tensor,
@@ -343,7 +422,7 @@ def sample_nuts(
     warmup_steps: int = 300,
     target_accept_prob: float = 0.8,
     max_tree_depth: int = 10,
-    potential: str = "vectorized",
+    potential: str = "recorded",
     seed: int = 0,
     progress: bool = False,
     parallel: bool | None = None,
@@ -351,16 +430,20 @@ def sample_nuts(
     """NUTS on theta with z summed out; one chain per start (site values).
 
     Chain c is seeded with ``seed + c`` (inside ``torch.random.fork_rng``, so the caller's
-    random state is untouched). ``potential`` is ``"vectorized"`` (the default:
-    :meth:`BayesianMixture.potential`, the function Pyro derives from the program written
-    directly, tested equal to it in value and gradient, about twice as fast) or
+    random state is untouched). ``potential`` is ``"vectorized"``
+    (:meth:`BayesianMixture.potential`, the function Pyro derives from the program written
+    directly, tested equal to it in value and gradient, about twice as fast as Pyro's),
+    ``"recorded"`` (the default: that function and its gradient recorded once and replayed
+    by TorchScript, :class:`RecordedPotential`, about twice as fast again) or
     ``"enumerated"`` (Pyro's own, from the program, z enumerated at every step).
     ``parallel``: the chains run in processes side by side (:func:`.chains.run_chains`;
     ``None``: where two cores are free), with the same draws as one after another. The
     progress bar, if any, is that of chain 0.
     """
-    if potential not in ("vectorized", "enumerated"):
-        raise ValueError(f"potential must be 'vectorized' or 'enumerated', got {potential!r}")
+    if potential not in ("recorded", "vectorized", "enumerated"):
+        raise ValueError(
+            f"potential must be 'recorded', 'vectorized' or 'enumerated', got {potential!r}"
+        )
     transforms = program.transforms()
     to_unconstrained = {k: t.inv for k, t in transforms.items()}
 
@@ -368,9 +451,12 @@ def sample_nuts(
         start, show = starts[c], progress and c == 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + c)
-            if potential == "vectorized":
+            if potential != "enumerated":
+                potential_fn = program.potential(x)
+                if potential == "recorded":
+                    potential_fn = RecordedPotential(potential_fn)
                 kernel = NUTS(
-                    potential_fn=program.potential(x),
+                    potential_fn=potential_fn,
                     target_accept_prob=target_accept_prob,
                     max_tree_depth=max_tree_depth,
                 )

@@ -329,7 +329,7 @@ def _validate_nuts(
         example=0.8,
     )
     check_positive_int_option("max_tree_depth", max_tree_depth, example=10)
-    check_choice_option("potential", potential, ("vectorized", "enumerated"))
+    check_choice_option("potential", potential, ("recorded", "vectorized", "enumerated"))
     check_number_option("rhat_max", rhat_max, low=1, low_open=True, example=RHAT_MAX)
     check_bool_option("progress", progress)
     if parallel_chains is not None:
@@ -610,7 +610,7 @@ def nuts(
     num_chains=NUM_CHAINS,
     target_accept_prob=0.8,
     max_tree_depth=10,
-    potential="vectorized",
+    potential="recorded",
     rhat_max=RHAT_MAX,
     progress=False,
     num_threads=1,
