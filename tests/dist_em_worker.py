@@ -77,9 +77,13 @@ try:
         result = em.fit(shard, **fit_args)
 except Exception as error:  # report the class and message for the test to read
     print(f"rank {rank} {type(error).__name__}: {error}", flush=True)
-    if not isinstance(error, dist_ops.RankFailure):  # a peer is gone: nothing to leave
+    if not isinstance(error, dist_ops.RankFailure):
         dist_ops.shutdown()  # an open gloo group can abort the exit
-    sys.exit(1)
+        sys.exit(1)
+    # a peer is gone: nothing to leave, and the group's teardown at exit can abort
+    # ("terminate called without an active exception"), so leave without it
+    sys.stderr.flush()
+    os._exit(1)
 if rank == 0:
     torch.save({"state": model.state_dict(), "lls": result.log_likelihoods}, out_path)
 dist_ops.shutdown()
