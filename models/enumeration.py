@@ -468,6 +468,25 @@ def record_ops(fn, inputs: tuple) -> tuple[_RecordedGraph, tuple]:
 _ACTIVE = [0]
 
 
+def as_torchscript(graph: torch.fx.GraphModule, example: tuple):
+    """A compiled recorded graph as TorchScript, run by TorchScript's interpreter.
+
+    ``torch.jit.trace`` of the graph on copies of ``example`` (so that tracing, which runs
+    the graph once, writes into none of the real tensors): the same ATen operations in the
+    same order, about twice as fast as the graph's Python code for a graph of a few hundred
+    small operations. Where tracing fails, the graph itself is returned.
+    """
+    import warnings
+
+    copies = tuple(t.detach().clone() for t in example)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's notes on tracing
+            return torch.jit.trace(graph, copies, check_trace=False)
+    except Exception:  # noqa: BLE001 - the graph's own Python code is the fallback
+        return graph
+
+
 def tidy(gm: torch.fx.GraphModule) -> int:
     """Rewrites of a recorded graph (run without autograd) that keep every value it
     computes; returns how many operations they removed.

@@ -49,6 +49,7 @@ from elbolab.inference.compare.bayesian import (
     mean_field_losses,
     sample_nuts,
 )
+from elbolab.inference.compare.chains import run_chains
 from elbolab.inference.compare.mixture import initialize
 from elbolab.inference.compare.posterior import arviz, loo_flags, to_inference_data
 from elbolab.inference.compare.schemes import _SCHEMES
@@ -606,7 +607,6 @@ def test_parallel_chains_make_the_sequential_draws():
     assert apart.step_size == in_turn.step_size
     assert torch.equal(apart.diverging, in_turn.diverging)
     assert not torch.equal(apart.draws["means"][0], apart.draws["means"][1])
-    from elbolab.inference.compare.chains import run_chains
 
     def fails_in_chain_1(c):
         if c == 1:

@@ -45,30 +45,28 @@ def _record_early(monkeypatch):
     monkeypatch.setattr(exact, "RECORD_AFTER", 2)
 
 
-def count_recordings(monkeypatch) -> list:
+def _count_calls(monkeypatch, name: str, *modules) -> list:
+    """Replace ``name`` in each of ``modules`` by a counting wrapper; the list of calls."""
     calls = []
-    original = recorded_module.record_ops
+    original = getattr(modules[0], name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(recorded_module, "record_ops", counted)
+    for module in modules:
+        monkeypatch.setattr(module, name, counted)
     return calls
+
+
+def count_recordings(monkeypatch) -> list:
+    return _count_calls(monkeypatch, "record_ops", recorded_module)
 
 
 def eager_calls(monkeypatch) -> list:
-    """Count the eager enumerations RecordedJoint makes (a replay makes none)."""
-    calls = []
-    original = enumeration.enumerate_joint
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(enumeration, "enumerate_joint", counted)
-    monkeypatch.setattr(exact, "enumerate_joint", counted)  # (the guide's own name for it)
-    return calls
+    """Count the eager enumerations RecordedJoint makes (a replay makes none); the guide
+    holds its own name for the function."""
+    return _count_calls(monkeypatch, "enumerate_joint", enumeration, exact)
 
 
 def assert_close(a, b, tol=TOL):

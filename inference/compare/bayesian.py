@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -369,41 +368,35 @@ class RecordedPotential:
 
     def __init__(self, potential_fn) -> None:
         self.potential_fn = potential_fn
-        self.names: list[str] | None = None
+        self.signature: tuple | None = None  # ((name, shape, dtype), ...) it was recorded for
         self.run = None
 
     def _value_and_grad(self, *us: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.enable_grad():
-            u = {n: t.detach().requires_grad_() for n, t in zip(self.names, us, strict=True)}
+            u = {s[0]: t.detach().requires_grad_() for s, t in zip(self.signature, us, strict=True)}
             value = self.potential_fn(u)
-            grads = torch.autograd.grad(value, [u[n] for n in self.names])
+            grads = torch.autograd.grad(value, list(u.values()))
         return (value.detach(), *grads)
 
     def _record(self, us: tuple) -> None:
-        from ...models.enumeration import ReadsValue, record_ops, tidy
+        from ...models.enumeration import ReadsValue, as_torchscript, record_ops, tidy
 
         try:
             graph, _ = record_ops(self._value_and_grad, tuple(t.detach() for t in us))
-            tidy(graph)  # views that change nothing, detaches: gone (every value kept)
-            graph.compile()
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                example = tuple(t.detach().clone() for t in us)
-                self.run = torch.jit.trace(graph, example, check_trace=False)
         except ReadsValue:
             self.run = False
-
-    @staticmethod
-    def _signature(unconstrained: dict[str, torch.Tensor]) -> tuple:
-        return tuple((n, t.shape, t.dtype) for n, t in sorted(unconstrained.items()))
+            return
+        tidy(graph)  # views that change nothing, detaches: gone (every value kept)
+        graph.compile()
+        self.run = as_torchscript(graph, us)
 
     def __call__(self, unconstrained: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.names is None:
-            self.names = sorted(unconstrained)
-            self.signature = self._signature(unconstrained)
-        if self.run is False or self._signature(unconstrained) != self.signature:
+        signature = tuple((n, t.shape, t.dtype) for n, t in sorted(unconstrained.items()))
+        if self.signature is None:
+            self.signature = signature
+        if self.run is False or signature != self.signature:
             return self.potential_fn(unconstrained)  # (another shape: as it is)
-        us = tuple(unconstrained[n] for n in self.names)
+        us = tuple(unconstrained[n] for n, _, _ in signature)
         if self.run is None:
             self._record(us)
             if self.run is False:

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import pyro
 import torch
 
 from ...models.enumeration import (
+    as_torchscript,
     deferred_checks,
     record_ops,
     tensor_state,
@@ -84,21 +84,10 @@ class _Replay:
         self.traced = None  # the graph as TorchScript, made at the first replay
 
     def run(self, bound: tuple, *inputs: torch.Tensor):
-        """One replay: the graph on this fit's tensors ``bound`` and the iteration's inputs.
-
-        The graph runs as TorchScript (``torch.jit.trace`` of it, on copies of the tensors so
-        that tracing changes nothing): the same ATen operations in the same order, run by
-        TorchScript's interpreter instead of the graph's Python code, about twice as fast
-        for a graph of a hundred small operations. Where tracing fails, the Python code runs.
-        """
+        """One replay: the graph on this fit's tensors ``bound`` and the iteration's inputs,
+        run as TorchScript (:func:`~elbolab.models.enumeration.as_torchscript`)."""
         if self.traced is None:
-            tensors = tuple(t.detach().clone() for t in (*bound, *inputs))
-            try:
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self.traced = torch.jit.trace(self.graph, tensors, check_trace=False)
-            except Exception:  # noqa: BLE001 - the graph's own Python code is the fallback
-                self.traced = self.graph
+            self.traced = as_torchscript(self.graph, (*bound, *inputs))
         return self.traced(*bound, *inputs)
 
     def bind(self, model, twin, backup: list) -> tuple:
