@@ -3,5 +3,12 @@
 from .amortized import AmortizedNormal, GaussianEncoder
 from .exact import ExactPosterior
 from .exact_gaussian import ExactGaussianPosterior
+from .mean_field import MeanFieldPosterior
 
-__all__ = ["AmortizedNormal", "ExactGaussianPosterior", "ExactPosterior", "GaussianEncoder"]
+__all__ = [
+    "AmortizedNormal",
+    "ExactGaussianPosterior",
+    "ExactPosterior",
+    "GaussianEncoder",
+    "MeanFieldPosterior",
+]

@@ -8,7 +8,7 @@ from .compare.posterior import LabelReport, nuts_flags, relabel, to_inference_da
 from .compare.schemes import SchemeFit, lookup_scheme, register_scheme, schemes_for
 from .compare.table import Comparison, Selection, compare, select_k
 from .direct import DirectML, marginal_log_likelihood
-from .em import hmm, linear_gaussian  # noqa: F401  (register their families)
+from .em import hmm, linear_gaussian, variational  # noqa: F401  (register their families)
 from .em.family import Family, register_family
 from .em.fitter import EMResult, Fitter, MixtureFitter
 from .em.gradient import elbo_loss, gradient_m_step

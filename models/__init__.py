@@ -4,6 +4,7 @@ from .base import MixtureModel, NotFittedError, as_data_tensor
 from .bayesian import BayesianMixture  # noqa: E402  (after the families it reads)
 from .bernoulli import BernoulliMixture
 from .categorical import CategoricalMixture
+from .conjugate import BayesianGaussianMixture
 from .enumeration import EnumeratedJoint, enumerate_joint
 from .gaussian import GaussianMixture, SingularCovarianceError
 from .hmm import (
@@ -23,6 +24,7 @@ __all__ = [
     "GaussianHMM",
     "HiddenMarkovModel",
     "PoissonHMM",
+    "BayesianGaussianMixture",
     "BayesianMixture",
     "BernoulliMixture",
     "CategoricalMixture",

@@ -5,7 +5,8 @@ argv: data.npy out.pt scenario. Each rank fits its half of the rows (read in chu
 ``ok``; ``nan`` (rank 1's shard has a NaN in its second chunk); ``empty`` (rank 1 gets no
 rows); ``die`` (rank 1 exits in the middle of the run); ``hmm`` (a GaussianHMM, each rank
 given whole sequences: data.npy.lengths.npy holds their lengths); ``ppca`` (factor
-analysis, its summary of each shard all-reduced).
+analysis, its summary of each shard all-reduced); ``vb`` (variational Bayes, a
+BayesianGaussianMixture started from responsibilities of rank 0's first chunk).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import warnings
 import numpy as np
 import torch
 
-from elbolab.guides import ExactGaussianPosterior, ExactPosterior
+from elbolab.guides import ExactGaussianPosterior, ExactPosterior, MeanFieldPosterior
 from elbolab.inference import EM
 from elbolab.inference import distributed as dist_ops
 from elbolab.models import FactorAnalysis, GaussianHMM, GaussianMixture
-from families import hmm_start
+from families import hmm_start, vb_setup
 
 data_path, out_path, scenario = sys.argv[1:4]
 dist_ops.init(timeout_s=float(os.environ.get("TIMEOUT_S", "30")))
@@ -59,9 +60,13 @@ if scenario in ("hmm", "ppca"):
         offset = 0 if rank == 0 else int(lengths[:half].sum())
         shard = np.array(x[offset : offset + int(mine.sum())])
         fit_args = {"lengths": mine}
+guide = ExactGaussianPosterior(model) if scenario == "ppca" else ExactPosterior(model)
+if scenario == "vb":
+    model, start = vb_setup(x.shape[1])
+    guide = MeanFieldPosterior(model)
 em = EM(
     model,
-    ExactGaussianPosterior(model) if scenario == "ppca" else ExactPosterior(model),
+    guide,
     init=start,
     seed=0,
     tol=0.0,
@@ -85,5 +90,6 @@ except Exception as error:  # report the class and message for the test to read
     sys.stderr.flush()
     os._exit(1)
 if rank == 0:
-    torch.save({"state": model.state_dict(), "lls": result.log_likelihoods}, out_path)
+    state = guide.state_dict() if scenario == "vb" else model.state_dict()
+    torch.save({"state": state, "lls": result.log_likelihoods}, out_path)
 dist_ops.shutdown()

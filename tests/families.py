@@ -103,6 +103,18 @@ class ExponentialMixture(MixtureModel):
             raise ValueError("ExponentialMixture needs non-negative data")
 
 
+def vb_setup(n_features: int, chunk_rows: int = 64):
+    """A BayesianGaussianMixture with priors that do not depend on the data, and its start
+    from fixed responsibilities of the first chunk (the same on every rank)."""
+    from elbolab.models import BayesianGaussianMixture
+
+    model = BayesianGaussianMixture(
+        3, mean_prior=np.zeros(n_features), covariance_prior=np.eye(n_features)
+    )
+    resp = np.random.default_rng(0).dirichlet(np.ones(3), size=chunk_rows)
+    return model, {"responsibilities": resp}
+
+
 def hmm_start(x) -> dict:
     """A complete start for a 3-state diagonal GaussianHMM (the same on every rank)."""
     return {

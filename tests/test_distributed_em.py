@@ -146,3 +146,24 @@ def test_two_processes_fit_a_hidden_markov_model_and_factor_analysis(tmp_path):
         for name, value in model.state_dict().items():
             assert torch.allclose(two["state"][name], value, rtol=1e-10, atol=1e-10), name
         assert np.allclose(two["lls"], one.log_likelihoods, rtol=1e-10, atol=0)
+
+
+def test_two_processes_fit_variational_bayes(data, tmp_path):
+    """CAVI on 2 ranks: the sums of each shard all-reduced, q(theta) broadcast from rank 0's
+    start; q(theta) and the bounds equal the one-process fit over the same chunks to 1e-10."""
+    from elbolab.guides import MeanFieldPosterior
+    from families import vb_setup
+
+    out = tmp_path / "vb.pt"
+    for code, text in _launch(data, out, "vb"):
+        assert code == 0, text
+    two = torch.load(out, weights_only=True)
+    model, start = vb_setup(np.load(data).shape[1])
+    guide = MeanFieldPosterior(model)
+    em = EM(model, guide, init=start, tol=0.0, max_iter=6, chunk_size=64, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        one = em.fit(str(data))
+    for name, value in guide.state_dict().items():
+        assert torch.allclose(two["state"][name], value, rtol=1e-10, atol=1e-10), name
+    assert np.allclose(two["lls"], one.log_likelihoods, rtol=1e-10, atol=0)

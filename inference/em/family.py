@@ -137,6 +137,11 @@ class Family:
         self.m_step(em, stats, rows)
         return self.expected_log_joint(em, stats)
 
+    def bound_offset(self, em, e: EChunk) -> float:
+        """A term of the bound that no chunk's sums hold, for a pass ``e`` (default 0;
+        variational Bayes: -KL(q(theta) || p(theta)), counted once for all the data)."""
+        return 0.0
+
     def empty_stats(self, em) -> Stats:
         """The sums of no data (an empty shard still sends its zeros)."""
         raise NotImplementedError  # pragma: no cover - interface

@@ -23,8 +23,9 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from torch.distributions import constraints
 
-from ...guides import ExactGaussianPosterior, ExactPosterior
+from ...guides import ExactGaussianPosterior, ExactPosterior, MeanFieldPosterior
 from ...models.base import MixtureModel, as_data_tensor, as_tensor, check_seed
+from ...models.conjugate import BayesianGaussianMixture
 from ...models.enumeration import holds
 from ...models.hmm import HiddenMarkovModel, check_lengths
 from ...models.linear_gaussian import LinearGaussian
@@ -173,6 +174,13 @@ def family_for(model, m_step: str = "auto") -> Family:
 
         return hmm_family(model, m_step)
     family = lookup_family(type(model))
+    if isinstance(model, BayesianGaussianMixture):
+        if m_step == "gradient":
+            raise ValueError(
+                "variational Bayes' M-step is the closed-form update of q(theta) (VB-THETA); "
+                "pass m_step='auto' or 'closed-form'"
+            )
+        return family
     if isinstance(model, LinearGaussian):
         if m_step == "gradient":
             raise ValueError(
@@ -262,6 +270,13 @@ class Fitter:
             if init == "kmeans++":  # the mixtures' default
                 init = "random"
             methods = LINEAR_GAUSSIAN_INIT
+        elif isinstance(model, BayesianGaussianMixture):
+            if not isinstance(guide, MeanFieldPosterior) or guide.model is not model:
+                raise ValueError(
+                    "guide must be MeanFieldPosterior(model) for this same model: variational "
+                    "Bayes needs q(theta) as well as q(z)"
+                )
+            methods = INIT_METHODS
         elif isinstance(model, (MixtureModel, HiddenMarkovModel)):
             if not isinstance(guide, ExactPosterior) or guide.model is not model:
                 raise ValueError("guide must be ExactPosterior(model) for this same model")
@@ -312,7 +327,7 @@ class Fitter:
 
     def _closed_form(self) -> bool:
         """Whether M-steps (and the start) use a registered closed form."""
-        return self.family.kind == "closed-form"
+        return self.family.kind in ("closed-form", "cavi")
 
     # ------------------------------------------------------------------ public
     def fit(self, x, sample_weight=None, lengths=None) -> EMResult:
@@ -328,14 +343,16 @@ class Fitter:
         start = time.perf_counter()
         model = self.model
         built = getattr(model, "is_built", True)
-        saved = copy.deepcopy(model.state_dict()) if built else None
+        saved = self._snapshot() if built else None
         try:
             best = self._fit(x, sample_weight, lengths)
         except BaseException:
             if saved is not None and getattr(model, "is_built", True):
-                model.load_state_dict(saved)  # nothing half-fitted is left behind
+                self._restore(saved)  # nothing half-fitted is left behind
             elif saved is None:
                 model.unbuild()  # a model without parameters before stays without them
+                if self._holds_theta():
+                    self.guide.unbuild()
             raise
         best.fit_time = time.perf_counter() - start
         if not best.converged and not best.approximate:
@@ -347,6 +364,22 @@ class Fitter:
             )
         self.result_ = best
         return best
+
+    def _holds_theta(self) -> bool:
+        """Whether the guide holds part of the fit (q(theta) of variational Bayes)."""
+        return isinstance(self.guide, MeanFieldPosterior)
+
+    def _snapshot(self) -> dict:
+        """Copies of the model's state (and of the guide's, where it holds q(theta))."""
+        state = {"model": copy.deepcopy(self.model.state_dict())}
+        if self._holds_theta() and self.guide.is_built:
+            state["guide"] = copy.deepcopy(self.guide.state_dict())
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if "guide" in state:
+            self.guide.load_state_dict(state["guide"])
 
     def _fit(self, x, sample_weight, lengths=None) -> EMResult:
         model, guide = self.model, self.guide
@@ -375,12 +408,12 @@ class Fitter:
             result = self._run_source(source, desc)
             finals.append(result.lower_bound)
             if best is None or result.lower_bound > best.lower_bound:
-                best, best_state = result, copy.deepcopy(model.state_dict())
+                best, best_state = result, self._snapshot()
                 best.best_init = i
             i += 1
         # the guide ends as the posterior at the returned parameters
         if best.best_init != n_init - 1:
-            model.load_state_dict(best_state)
+            self._restore(best_state)
             if source.in_memory and source.lengths is None:
                 guide.refresh(source.x, source.w)
             else:
@@ -558,6 +591,12 @@ class Fitter:
         self._check_finite(restore=False)
 
     def _check_finite(self, restore: bool = True) -> None:
+        if self._holds_theta():
+            if all(bool(torch.isfinite(b).all()) for b in self.guide.buffers()):
+                return
+            raise ValueError(
+                f"{self.scheme} produced a non-finite q(theta); raise reg_covar or scale the data."
+            )
         if holds(finite_flag(self.model)):
             return
         if restore and self.guide.frozen:

@@ -245,11 +245,16 @@ class EM(Fitter):
                 super()._initialize_from(source, rng)
             else:  # parameters of the right shapes; their values come from rank 0
                 self.model.build_for(self._first_chunk(source, reset=True)[0])
+                if self._holds_theta():
+                    self.guide.build()
         except ValueError as caught:
             error = caught
         dist_ops.agree(error, "the start (computed on rank 0's first chunk)")
         with dist_ops.collective("broadcasting the start from rank 0"):
             dist_ops.broadcast_module(self.model, src=0)
+            if self._holds_theta():  # q(theta) too (variational Bayes)
+                dist_ops.broadcast_module(self.guide, src=0)
+                self.guide.sync()
 
     def _reduce(self, e: EChunk, error: BaseException | None, what: str) -> EChunk:
         """Sum a pass over every rank (a no-op on one process)."""
@@ -367,7 +372,7 @@ class EM(Fitter):
         if self.callback is not None:
             self.callback(0, model)
         e = self._e_pass(source, "the E-step pass at the start")
-        lls, lbs = [e.log_lik / e.weight], []
+        lls, lbs = [(e.log_lik + family.bound_offset(self, e)) / e.weight], []
         previous, converged, it = lls[0], False, 0  # after an E-step, bound = ll (EM-TIGHT)
         recorded = None
         if closed and source.in_memory and RecordedStep.applies(self, source.x):
@@ -386,7 +391,7 @@ class EM(Fitter):
                 bound = (q + e.entropy) / e.weight
                 e = e_next
                 lbs.append(bound)
-                lls.append(e.log_lik / e.weight)
+                lls.append((e.log_lik + family.bound_offset(self, e)) / e.weight)
                 if self.callback is not None:
                     self.callback(it, model)
                 report(bar, abs(bound - previous), self.tol, bound=bound)

@@ -1,0 +1,441 @@
+"""The Gaussian mixture with conjugate priors: variational Bayes' model (PRML section 10.2).
+
+The Pyro program, with scikit-learn's ``BayesianGaussianMixture`` priors::
+
+    pi ~ Dir(alpha_0 1_K)        or the stick-breaking Dirichlet process, truncated at K:
+                                 v_k ~ Beta(1, gamma), pi_k = v_k prod_{j<k} (1 - v_j)
+    Lambda_k ~ W(W_0, nu_0),  mu_k | Lambda_k ~ N(m_0, (beta_0 Lambda_k)^-1)   (plate K)
+    z_d ~ Categorical(pi),    x_d | z_d ~ N(mu_{z_d}, Lambda_{z_d}^-1)        (plate N)
+
+Under the truncated Dirichlet process the sticks leave the mass prod_k (1 - v_k) to the
+components beyond the K-th; the program gives it to one more category, K, whose point is
+drawn from the prior predictive of a fresh component (a Student t, PRML (10.81) at the
+prior): the Dirichlet process's "new table". A mean-field guide never puts z there.
+
+The prior is the same for every ``covariance_type``: a full-precision Normal-Wishart. The
+covariance type restricts the mean-field posterior q(Lambda_k) = W(W_k, nu_k) instead, as
+scikit-learn does: ``"full"`` leaves W_k free, ``"diag"`` makes W_k diagonal,
+``"spherical"`` a multiple of I, and ``"tied"`` gives every component the same (W, nu)
+(:mod:`elbolab.guides.mean_field`, VB-THETA).
+
+The functions below are the closed-form expectations and divergences of these
+distributions that VB-Z, VB-THETA and VB-ELBO read (PRML (10.64)-(10.77)).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from contextlib import nullcontext
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule
+
+from .base import (
+    MixtureModel,
+    NotFittedError,
+    as_tensor,
+    check_positive_int,
+    check_seed,
+)
+from .gaussian import COVARIANCE_TYPES
+
+WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
+
+
+# ---------------------------------------------------------------------------- the maths
+def log_det_psd(psi: torch.Tensor) -> torch.Tensor:
+    """log |Psi| of symmetric positive definite matrices (..., D, D), by Cholesky."""
+    return 2 * torch.linalg.cholesky(psi).diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def wishart_log_norm(log_det_psi: torch.Tensor, nu: torch.Tensor, D: int) -> torch.Tensor:
+    """ln B(W, nu) of PRML (B.79) with W^-1 = Psi given through ln |Psi|:
+
+    ln B = (nu / 2) ln |Psi| - (nu D / 2) ln 2 - (D (D - 1) / 4) ln pi
+           - sum_i ln Gamma((nu + 1 - i) / 2).
+    """
+    i = torch.arange(D, dtype=nu.dtype)
+    return (
+        0.5 * nu * log_det_psi
+        - 0.5 * nu * D * math.log(2)
+        - 0.25 * D * (D - 1) * math.log(math.pi)
+        - torch.lgamma(0.5 * (nu.unsqueeze(-1) - i)).sum(-1)
+    )
+
+
+def expected_log_det(log_det_psi: torch.Tensor, nu: torch.Tensor, D: int) -> torch.Tensor:
+    """E[ln |Lambda|] = sum_i psi((nu + 1 - i) / 2) + D ln 2 - ln |Psi|   (PRML (10.65))."""
+    i = torch.arange(D, dtype=nu.dtype)
+    return torch.digamma(0.5 * (nu.unsqueeze(-1) - i)).sum(-1) + D * math.log(2) - log_det_psi
+
+
+def expected_log_weights(prior_type: str, concentration: torch.Tensor) -> torch.Tensor:
+    """E[ln pi_k] under q(pi), shape (K,)   (PRML (10.66); sticks: Blei & Jordan 2006).
+
+    ``concentration``: alpha (K,) of q(pi) = Dir(alpha), or (a, b) stacked (2, K) of the
+    sticks q(v_k) = Beta(a_k, b_k): E ln pi_k = E ln v_k + sum_{j<k} E ln(1 - v_j).
+    """
+    if prior_type == "dirichlet_distribution":
+        return torch.digamma(concentration) - torch.digamma(concentration.sum())
+    a, b = concentration
+    total = torch.digamma(a + b)
+    log_v, log_1mv = torch.digamma(a) - total, torch.digamma(b) - total
+    return log_v + torch.cumsum(log_1mv, 0) - log_1mv
+
+
+def kl_weights(prior_type: str, concentration: torch.Tensor, prior: float) -> torch.Tensor:
+    """KL(q(pi) || p(pi)) (0-d): Dirichlets, or K Beta sticks against Beta(1, gamma)."""
+    if prior_type == "dirichlet_distribution":
+        alpha, K = concentration, concentration.shape[0]
+
+        def log_c(a, total):  # ln C(alpha) of PRML (B.23)
+            return torch.lgamma(total) - torch.lgamma(a).sum()
+
+        e_log_pi = expected_log_weights(prior_type, alpha)
+        alpha0 = torch.full_like(alpha, prior)
+        return (
+            log_c(alpha, alpha.sum())
+            - log_c(alpha0, torch.tensor(K * prior, dtype=alpha.dtype))
+            + ((alpha - prior) * e_log_pi).sum()
+        )
+    a, b = concentration
+    total = torch.digamma(a + b)
+    log_v, log_1mv = torch.digamma(a) - total, torch.digamma(b) - total
+    log_beta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+    # E_q ln Beta(v | a, b) - E_q ln Beta(v | 1, gamma), ln B(1, gamma) = -ln gamma
+    return (
+        -log_beta + (a - 1) * log_v + (b - 1) * log_1mv - (math.log(prior) + (prior - 1) * log_1mv)
+    ).sum()
+
+
+def kl_normal_wishart(
+    beta: torch.Tensor,
+    m: torch.Tensor,
+    psi: torch.Tensor,
+    nu: torch.Tensor,
+    beta0: float,
+    m0: torch.Tensor,
+    psi0: torch.Tensor,
+    nu0: float,
+) -> torch.Tensor:
+    """KL(q(mu_k, Lambda_k) || p(mu_k, Lambda_k)) for every k, shape (K,)   (PRML (10.74), (10.77)).
+
+    q = N(m_k, (beta_k Lambda)^-1) W(Psi_k^-1, nu_k),
+    p = N(m_0, (beta_0 Lambda)^-1) W(Psi_0^-1, nu_0):
+
+        KL_W = ln B(W_k, nu_k) - ln B(W_0, nu_0) + (nu_k - nu_0)/2 E ln|Lambda| - nu_k D/2
+               + nu_k/2 tr(Psi_0 W_k)
+        KL_N = 1/2 [D beta_0/beta_k - D + D ln(beta_k/beta_0)
+                    + beta_0 nu_k (m_k - m_0)^T W_k (m_k - m_0)]
+    """
+    D = m.shape[-1]
+    chol = torch.linalg.cholesky(psi)  # Psi_k = C C^T, W_k = C^-T C^-1
+    log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    nu0_t = torch.as_tensor(nu0, dtype=nu.dtype)
+    log_det0 = log_det_psd(psi0)
+    e_log_det = expected_log_det(log_det, nu, D)
+    # tr(Psi_0 W_k) = || C^-1 L_0 ||_F^2 with Psi_0 = L_0 L_0^T
+    a = torch.linalg.solve_triangular(
+        chol, torch.linalg.cholesky(psi0).expand_as(chol), upper=False
+    )
+    trace = (a * a).sum((-2, -1))
+    diff = torch.linalg.solve_triangular(chol, (m - m0).unsqueeze(-1), upper=False).squeeze(-1)
+    maha = (diff * diff).sum(-1)  # (m - m0)^T W_k (m - m0)
+    kl_w = (
+        wishart_log_norm(log_det, nu, D)
+        - wishart_log_norm(log_det0, nu0_t, D)
+        + 0.5 * (nu - nu0) * e_log_det
+        - 0.5 * nu * D
+        + 0.5 * nu * trace
+    )
+    kl_n = 0.5 * (D * beta0 / beta - D + D * torch.log(beta / beta0) + beta0 * nu * maha)
+    return kl_w + kl_n
+
+
+def stick_weights(concentration: torch.Tensor) -> torch.Tensor:
+    """E[pi_k] = E[v_k] prod_{j<k} E[1 - v_j] for k < K, and the mass left, shape (K + 1,)."""
+    a, b = concentration
+    mean_v = a / (a + b)
+    rest = torch.cumprod(1 - mean_v, 0)
+    before = torch.cat([torch.ones(1, dtype=a.dtype), rest[:-1]])
+    return torch.cat([mean_v * before, rest[-1:]])
+
+
+# ---------------------------------------------------------------------------- checks
+def _positive(name: str, value, example: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a positive number or None, got {value!r}; e.g. {example}")
+    if not 0 < float(value) < math.inf:
+        raise ValueError(f"{name} must be positive and finite, got {value!r}; e.g. {example}")
+    return float(value)
+
+
+class BayesianGaussianMixture(PyroModule):
+    """A Gaussian mixture with conjugate priors on its weights, means and precisions.
+
+    Parameters (scikit-learn's names, meanings and defaults)
+    ----------
+    n_components:
+        K, the number of components (an upper bound under the Dirichlet process).
+    covariance_type:
+        ``"full"``, ``"tied"``, ``"diag"`` or ``"spherical"``: the form of the mean-field
+        posterior q(Lambda_k) (the prior is always a full Wishart); see the module docstring.
+    weight_concentration_prior_type:
+        ``"dirichlet_process"`` (default: stick-breaking, truncated at K) or
+        ``"dirichlet_distribution"``.
+    weight_concentration_prior:
+        gamma of the sticks' Beta(1, gamma), or alpha_0 of Dir(alpha_0 1_K); default 1 / K.
+    mean_precision_prior:
+        beta_0 (default 1).
+    mean_prior:
+        m_0, shape (D,); default the mean of the data.
+    degrees_of_freedom_prior:
+        nu_0 > D - 1; default D.
+    covariance_prior:
+        W_0^-1: (D, D) positive definite for ``"full"`` and ``"tied"``, (D,) positive for
+        ``"diag"`` (a diagonal W_0^-1), a positive number for ``"spherical"`` (a multiple of
+        I); default the data's covariance (its variances, their mean).
+
+    The priors that depend on the data are set when the model is built for them (the
+    first chunk a fit reads); fitted priors end in ``_`` (``mean_prior_``, ...). Fit it by
+    CAVI with ``EM(model, MeanFieldPosterior(model)).fit(x)``; the posterior q is the guide's.
+    """
+
+    latent_site = "z"
+    observed_site = "x"
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        covariance_type: str = "full",
+        weight_concentration_prior_type: str = "dirichlet_process",
+        weight_concentration_prior: float | None = None,
+        mean_precision_prior: float | None = None,
+        mean_prior=None,
+        degrees_of_freedom_prior: float | None = None,
+        covariance_prior=None,
+    ) -> None:
+        check_positive_int("n_components", n_components, "the number of mixture components")
+        if covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(
+                f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}"
+            )
+        if weight_concentration_prior_type not in WEIGHT_PRIOR_TYPES:
+            raise ValueError(
+                f"weight_concentration_prior_type must be one of {WEIGHT_PRIOR_TYPES}, got "
+                f"{weight_concentration_prior_type!r}"
+            )
+        super().__init__()
+        self.n_components = int(n_components)
+        self.covariance_type = covariance_type
+        self.weight_concentration_prior_type = weight_concentration_prior_type
+        self.weight_concentration_prior = _positive(
+            "weight_concentration_prior", weight_concentration_prior, "1 / n_components"
+        )
+        self.mean_precision_prior = _positive("mean_precision_prior", mean_precision_prior, "1.0")
+        self.degrees_of_freedom_prior = _positive(
+            "degrees_of_freedom_prior", degrees_of_freedom_prior, "n_features"
+        )
+        self.mean_prior = mean_prior
+        self.covariance_prior = covariance_prior
+        self.n_features_in_: int | None = None
+        self._posterior_ref = None  # weakref to the MeanFieldPosterior fitted to it
+
+    # ------------------------------------------------------------------ priors
+    @property
+    def is_built(self) -> bool:
+        return self.n_features_in_ is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        self._require_built()
+        return self.mean_prior_.dtype
+
+    def _require_built(self) -> None:
+        if not self.is_built:
+            raise NotFittedError(
+                f"this {type(self).__name__} has no priors yet: fit it with "
+                "elbolab.inference.EM(model, MeanFieldPosterior(model)).fit(x), or call "
+                "model.build_for(x)."
+            )
+
+    def build_for(self, x: torch.Tensor) -> BayesianGaussianMixture:
+        """Set the priors for data like ``x`` (N, D): every check before anything is set."""
+        N, D = x.shape
+        dtype = x.dtype
+        K = self.n_components
+        gamma = self.weight_concentration_prior or 1.0 / K
+        beta0 = self.mean_precision_prior or 1.0
+        nu0 = float(D) if self.degrees_of_freedom_prior is None else self.degrees_of_freedom_prior
+        if not nu0 > D - 1:
+            raise ValueError(
+                f"degrees_of_freedom_prior must be greater than n_features - 1 = {D - 1}, got "
+                f"{nu0}; e.g. degrees_of_freedom_prior={D} (the default)"
+            )
+        if self.mean_prior is None:
+            m0 = x.mean(0)
+        else:
+            m0 = as_tensor(self.mean_prior, dtype, "mean_prior").reshape(-1)
+            if m0.shape != (D,) or not bool(torch.isfinite(m0).all()):
+                raise ValueError(
+                    f"mean_prior must be a finite vector of n_features = {D} values, got shape "
+                    f"{tuple(as_tensor(self.mean_prior, dtype, 'mean_prior').shape)}"
+                )
+        psi0 = self._covariance_prior(x, D, dtype)
+        self.n_features_in_ = D
+        self.weight_concentration_prior_ = float(gamma)
+        self.mean_precision_prior_ = float(beta0)
+        self.degrees_of_freedom_prior_ = float(nu0)
+        self.register_buffer("mean_prior_", m0.clone())
+        self.register_buffer("precision_scale_prior_", psi0)  # W_0^-1, always (D, D)
+        return self
+
+    def _covariance_prior(self, x: torch.Tensor, D: int, dtype) -> torch.Tensor:
+        """W_0^-1 as a (D, D) matrix, from ``covariance_prior`` or the data."""
+        kind, given = self.covariance_type, self.covariance_prior
+        if given is None:
+            if x.shape[0] < 2:
+                raise ValueError(
+                    "the default covariance_prior is the data's covariance, which needs at "
+                    "least 2 rows; pass more data or covariance_prior"
+                )
+            if kind in ("full", "tied"):
+                cov = torch.atleast_2d(torch.cov(x.T))
+                return cov.to(dtype)
+            var = x.var(0)  # (unbiased, as numpy's ddof=1)
+            return torch.diag(var if kind == "diag" else var.mean().expand(D)).to(dtype)
+        value = as_tensor(given, dtype, "covariance_prior")
+        if kind in ("full", "tied"):
+            ok = value.shape == (D, D) and bool(torch.isfinite(value).all())
+            ok = ok and bool(torch.allclose(value, value.T))
+            ok = ok and bool(torch.linalg.cholesky_ex(value)[1] == 0)
+            if not ok:
+                raise ValueError(
+                    f"covariance_prior for covariance_type={kind!r} must be a symmetric "
+                    f"positive definite ({D}, {D}) matrix, got shape {tuple(value.shape)}; "
+                    "e.g. numpy.cov(x.T)"
+                )
+            return value.clone()
+        if kind == "diag":
+            if value.shape != (D,) or not bool((value > 0).all() & torch.isfinite(value).all()):
+                raise ValueError(
+                    f"covariance_prior for covariance_type='diag' must be {D} positive "
+                    f"variances, got shape {tuple(value.shape)}; e.g. x.var(0)"
+                )
+            return torch.diag(value)
+        if value.numel() != 1 or not (0 < float(value) < math.inf):
+            raise ValueError(
+                "covariance_prior for covariance_type='spherical' must be one positive number, "
+                f"got {given!r}; e.g. float(x.var(0).mean())"
+            )
+        return float(value) * torch.eye(D, dtype=dtype)
+
+    @property
+    def covariance_prior_(self) -> torch.Tensor:
+        """W_0^-1 in scikit-learn's layout: (D, D) full/tied, (D,) diag, () spherical."""
+        self._require_built()
+        psi0 = self.precision_scale_prior_
+        if self.covariance_type in ("full", "tied"):
+            return psi0
+        if self.covariance_type == "diag":
+            return psi0.diagonal()
+        return psi0[0, 0]
+
+    def unbuild(self) -> BayesianGaussianMixture:
+        for name in ("mean_prior_", "precision_scale_prior_"):
+            self._buffers.pop(name, None)
+        self.n_features_in_ = None
+        return self
+
+    # ------------------------------------------------------------------ data
+    def validate_data(self, x, *, name: str = "x", reset: bool = False) -> torch.Tensor:
+        """Real-valued (N, D) data, checked as for any mixture (``MixtureModel``)."""
+        return MixtureModel.validate_data(self, x, name=name, reset=reset)
+
+    def _check_support(self, x: torch.Tensor, fitted: bool) -> None:
+        """Every real value is in the Gaussian's support."""
+
+    # ------------------------------------------------------------------ the Pyro program
+    def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None):
+        """p(pi) p(mu, Lambda) prod_d p(z_d | pi) p(x_d | z_d, mu, Lambda) for ``x`` (N, D)."""
+        return self._program(x.shape[0], x, sample_weight)
+
+    def _program(self, n: int, x: torch.Tensor | None, sample_weight=None):
+        self._require_built()
+        K, D, dtype = self.n_components, self.n_features_in_, self.dtype
+        gamma = torch.tensor(self.weight_concentration_prior_, dtype=dtype)
+        dp = self.weight_concentration_prior_type == "dirichlet_process"
+        if dp:
+            with pyro.plate("stick_plate", K):
+                v = pyro.sample("sticks", dist.Beta(torch.ones((), dtype=dtype), gamma))
+            left = torch.cumprod(1 - v, -1)
+            before = torch.cat([torch.ones_like(v[..., :1]), left[..., :-1]], -1)
+            pi = torch.cat([v * before, left[..., -1:]], -1)  # (K + 1,): the rest last
+        else:
+            pi = pyro.sample("weights", dist.Dirichlet(gamma.expand(K)))
+        psi0, m0 = self.precision_scale_prior_, self.mean_prior_
+        w0 = torch.cholesky_inverse(torch.linalg.cholesky(psi0))  # W_0
+        beta0, nu0 = self.mean_precision_prior_, self.degrees_of_freedom_prior_
+        with pyro.plate("components", K):
+            precisions = pyro.sample(
+                "precisions",
+                dist.Wishart(torch.tensor(nu0, dtype=dtype), covariance_matrix=w0),
+            )
+            means = pyro.sample(
+                "means", dist.MultivariateNormal(m0, precision_matrix=beta0 * precisions)
+            )
+        with pyro.plate("data", n):
+            with poutine.scale(scale=1.0 if sample_weight is None else sample_weight):
+                z = pyro.sample(self.latent_site, dist.Categorical(probs=pi))
+                k = z.clamp(max=K - 1)
+                component = dist.MultivariateNormal(means[k], precision_matrix=precisions[k])
+                if dp:  # category K: a fresh component's prior predictive (PRML (10.81))
+                    df = nu0 + 1 - D
+                    scale = (1 + beta0) / (df * beta0) * psi0
+                    fresh = dist.MultivariateStudentT(
+                        torch.tensor(df, dtype=dtype), m0, torch.linalg.cholesky(scale)
+                    ).expand(component.batch_shape)
+                    component = dist.MaskedMixture(z == K, component, fresh)
+                return pyro.sample(self.observed_site, component, obs=x)
+
+    @property
+    def posterior(self):
+        """The :class:`~elbolab.guides.MeanFieldPosterior` fitted to this model, or None."""
+        return None if self._posterior_ref is None else self._posterior_ref()
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws ``(x, z)`` from the posterior predictive once fitted (PRML (10.81):
+        z ~ E_q[pi], x ~ St(m_k, (1 + beta_k) / ((nu_k + 1 - D) beta_k) W_k^-1, nu_k + 1 - D),
+        and, under the Dirichlet process, z = K with the sticks' remaining mass, a fresh
+        component's prior predictive); from the prior predictive before."""
+        self._require_built()
+        check_positive_int("n", n, "the number of samples to draw")
+        seed = check_seed(seed)
+        q = self.posterior
+        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            if q is None or not q.is_built:
+                trace = poutine.trace(self._program).get_trace(int(n), None)
+                return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+            return q.sample_predictive(int(n))
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_components={self.n_components}, covariance_type={self.covariance_type!r}, "
+            f"weight_concentration_prior_type={self.weight_concentration_prior_type!r}"
+        )
+
+
+def link_posterior(model: BayesianGaussianMixture, guide) -> None:
+    """Let ``model.sample`` and ``model.posterior`` find the guide (a weak reference)."""
+    model._posterior_ref = weakref.ref(guide)
