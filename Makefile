@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_vae.py
 	$(BIN)/python bench/bench_compare.py
 	$(BIN)/python bench/bench_hmm.py
+	$(BIN)/python bench/bench_vb.py
 
 notebooks: $(STAMP)
 	mkdir -p $(OUT)/notebooks

@@ -44,6 +44,7 @@ from ..models.conjugate import (
     kl_weights,
     link_posterior,
     stick_weights,
+    wishart_sample,
 )
 from ..models.gaussian import GaussianMixture
 from .exact import ExactPosterior
@@ -274,6 +275,28 @@ class MeanFieldPosterior(PyroModule):
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=1.0 if sample_weight is None else sample_weight):
                 pyro.sample(model.latent_site, dist.Categorical(probs=resp))
+
+    @torch.no_grad()
+    def draw(self, n: int) -> dict[str, torch.Tensor]:
+        """``n`` draws of theta from q: ``weights`` (n, K), ``means`` (n, K, D) and
+        ``covariances`` Lambda_k^-1 (n, K, D, D). Under the Dirichlet process the weights
+        are the sticks' pi_k, put to sum 1 over the K components."""
+        self._require_built()
+        c = self.weight_concentration
+        if c.dim() == 1:
+            weights = dist.Dirichlet(c).sample((n,))
+        else:
+            v = dist.Beta(c[0], c[1]).sample((n,))
+            left = torch.cumprod(1 - v, -1)
+            weights = v * torch.cat([torch.ones_like(v[:, :1]), left[:, :-1]], -1)
+            weights = weights / weights.sum(-1, keepdim=True)
+        scale = torch.cholesky_inverse(torch.linalg.cholesky(self.precision_scale))  # W_k
+        precisions = wishart_sample(self.degrees_of_freedom, (n,), covariance_matrix=scale)
+        means = dist.MultivariateNormal(
+            self.means, precision_matrix=self.mean_precision[:, None, None] * precisions
+        ).sample()
+        covariances = torch.cholesky_inverse(torch.linalg.cholesky(precisions))
+        return {"weights": weights, "means": means, "covariances": covariances}
 
     # ------------------------------------------------------------------ predictive
     @torch.no_grad()

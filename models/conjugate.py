@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from contextlib import nullcontext
 
@@ -165,6 +166,135 @@ def stick_weights(concentration: torch.Tensor) -> torch.Tensor:
     rest = torch.cumprod(1 - mean_v, 0)
     before = torch.cat([torch.ones(1, dtype=a.dtype), rest[:-1]])
     return torch.cat([mean_v * before, rest[-1:]])
+
+
+class _CholeskyFactor(type(dist.constraints.lower_cholesky)):
+    """Lower-triangular matrices with a positive diagonal, reached from R^(D (D + 1) / 2)."""
+
+
+#: the support of :class:`InverseWishartCholesky`: ``biject_to`` finds
+#: :class:`CholeskyVectorTransform` for it
+cholesky_factor = _CholeskyFactor()
+
+
+class CholeskyVectorTransform(torch.distributions.Transform):
+    """A bijection from R^(D (D + 1) / 2) to Cholesky factors: the vector fills the lower
+    triangle row by row, and the diagonal is exponentiated (log |J| = the sum of the
+    diagonal's unconstrained entries)."""
+
+    domain = dist.constraints.real_vector
+    codomain = cholesky_factor
+    bijective = True
+
+    def __eq__(self, other):
+        return isinstance(other, CholeskyVectorTransform)
+
+    @staticmethod
+    def _size(n: int) -> int:
+        D = int(round((math.sqrt(8 * n + 1) - 1) / 2))
+        if D * (D + 1) // 2 != n:
+            raise ValueError(f"a vector of {n} entries fills no lower triangle")
+        return D
+
+    def _call(self, v: torch.Tensor) -> torch.Tensor:
+        D = self._size(v.shape[-1])
+        rows, cols = torch.tril_indices(D, D)
+        out = v.new_zeros(v.shape[:-1] + (D, D))
+        on_diag = rows == cols
+        values = torch.where(on_diag, v.exp(), v)
+        out[..., rows, cols] = values
+        return out
+
+    def _inverse(self, L: torch.Tensor) -> torch.Tensor:
+        D = L.shape[-1]
+        rows, cols = torch.tril_indices(D, D)
+        v = L[..., rows, cols]
+        return torch.where(rows == cols, v.log(), v)
+
+    def log_abs_det_jacobian(self, v: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        return L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+    def forward_shape(self, shape):
+        D = self._size(shape[-1])
+        return torch.Size(shape[:-1]) + (D, D)
+
+    def inverse_shape(self, shape):
+        D = shape[-1]
+        return torch.Size(shape[:-2]) + (D * (D + 1) // 2,)
+
+
+torch.distributions.biject_to.register(_CholeskyFactor)(
+    lambda constraint: CholeskyVectorTransform()
+)
+torch.distributions.transform_to.register(_CholeskyFactor)(
+    lambda constraint: CholeskyVectorTransform()
+)
+
+
+class InverseWishartCholesky(dist.TorchDistribution):
+    """The Cholesky factor C of Sigma = C C^T ~ IW(Psi, nu), i.e. Sigma^-1 ~ W(Psi^-1, nu).
+
+    The conjugate prior on a covariance, as a density on its Cholesky factor (support
+    ``lower_cholesky``, so samplers and autoguides reach it through ``biject_to``):
+
+        ln p(C) = ln IW(C C^T | Psi, nu) + D ln 2 + sum_i (D + 1 - i) ln C_ii,
+        ln IW(Sigma) = nu/2 ln|Psi| - nu D/2 ln 2 - ln Gamma_D(nu/2)
+                       - (nu + D + 1)/2 ln|Sigma| - 1/2 tr(Psi Sigma^-1)
+
+    (the second term is ln |d Sigma / d C| over the free entries of C).
+    """
+
+    arg_constraints = {"df": dist.constraints.positive}
+    support = cholesky_factor
+    has_rsample = False
+
+    def __init__(self, df: torch.Tensor, scale: torch.Tensor, validate_args=None) -> None:
+        self.df = torch.as_tensor(df, dtype=scale.dtype)
+        self.scale = scale  # Psi (D, D)
+        self._scale_tril = torch.linalg.cholesky(scale)
+        D = scale.shape[-1]
+        # the constant terms: nu/2 ln|Psi| - nu D/2 ln 2 - ln Gamma_D(nu/2)
+        half = 0.5 * self.df - 0.5 * torch.arange(D, dtype=scale.dtype)
+        self._log_norm = (
+            self.df * self._scale_tril.diagonal().log().sum()
+            - 0.5 * self.df * D * math.log(2)
+            - 0.25 * D * (D - 1) * math.log(math.pi)
+            - torch.lgamma(half).sum()
+        )
+        super().__init__(torch.Size(), torch.Size((D, D)), validate_args=validate_args)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        D = value.shape[-1]
+        diag = value.diagonal(dim1=-2, dim2=-1)
+        log_det_sigma = 2 * diag.log().sum(-1)
+        # tr(Psi Sigma^-1) = || C^-1 L_Psi ||_F^2
+        a = torch.linalg.solve_triangular(value, self._scale_tril.expand(value.shape), upper=False)
+        trace = (a * a).sum((-2, -1))
+        log_iw = self._log_norm - 0.5 * (self.df + D + 1) * log_det_sigma - 0.5 * trace
+        powers = torch.arange(D, 0, -1, dtype=value.dtype)  # D + 1 - i for i = 1..D
+        log_jacobian = D * math.log(2) + (powers * diag.log()).sum(-1)
+        return log_iw + log_jacobian
+
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        with torch.no_grad():
+            # Sigma^-1 ~ W(Psi^-1, nu)
+            precision = wishart_sample(self.df, sample_shape, precision_matrix=self.scale)
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(precision)))
+
+    def expand(self, batch_shape, _instance=None):
+        return dist.ExpandedDistribution(self, batch_shape)
+
+
+def wishart_sample(df: torch.Tensor, sample_shape=(), **matrix: torch.Tensor) -> torch.Tensor:
+    """Draws of ``torch.distributions.Wishart(df, **matrix)``, without its warning.
+
+    torch's sampler tests its first draws with the support check the wrong way round, so it
+    warns "Singular sample detected" on valid draws and replaces them by fresh ones; the
+    draws are still Wishart draws, and the warning says nothing about them.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Singular sample detected")
+        return torch.distributions.Wishart(df, validate_args=False, **matrix).sample(sample_shape)
 
 
 # ---------------------------------------------------------------------------- checks

@@ -30,6 +30,16 @@ Register a new family with::
 
     @register_prior(MyMixture)
     def _my_prior(model, x, **hyper) -> MixturePrior: ...
+
+A family may have more than one kind of prior; ``prior={"type": "conjugate", ...}`` picks
+one by name (``"weak"``, the table above, by default). The Gaussian mixture with full
+covariances has ``"conjugate"``: scikit-learn's ``BayesianGaussianMixture`` priors (a
+Dirichlet on the weights, a Normal-Wishart on each component), the prior under which
+variational Bayes (:mod:`elbolab.models.conjugate`) has its closed forms, so that MAP,
+mean-field SVI and NUTS can be compared with it on one posterior. Its sites are
+non-centred: ``covariance_tril`` C_k with C_k C_k^T ~ IW(W_0^-1, nu_0) and
+``mean_offsets`` e_k ~ N(0, I), mu_k = m_0 + C_k e_k / sqrt(beta_0): the same prior on
+(mu_k, Sigma_k), with sites that are independent a priori.
 """
 
 from __future__ import annotations
@@ -98,27 +108,34 @@ class MixturePrior:
 
 PriorFactory = Callable[..., MixturePrior]
 
-_PRIORS: dict[type, PriorFactory] = {}
+_PRIORS: dict[tuple[type, str], PriorFactory] = {}
 
 
-def register_prior(model_class: type) -> Callable[[PriorFactory], PriorFactory]:
-    """Decorator registering ``factory(model, x, **hyper) -> MixturePrior`` for a family."""
+def register_prior(model_class: type, kind: str = "weak") -> Callable[[PriorFactory], PriorFactory]:
+    """Decorator registering ``factory(model, x, **hyper) -> MixturePrior`` for a family
+    (``kind``: the name ``prior={"type": kind}`` selects it by; ``"weak"`` by default)."""
     if not isinstance(model_class, type):
         raise TypeError(f"register_prior expects a class, got {model_class!r}")
 
     def decorator(fn: PriorFactory) -> PriorFactory:
-        _PRIORS[model_class] = fn
+        _PRIORS[(model_class, kind)] = fn
         return fn
 
     return decorator
 
 
-def lookup_prior(model_class: type) -> PriorFactory | None:
-    """The prior factory for ``model_class`` or its nearest registered base, else None."""
+def lookup_prior(model_class: type, kind: str = "weak") -> PriorFactory | None:
+    """The ``kind`` prior factory for ``model_class`` or its nearest registered base."""
     for cls in model_class.__mro__:
-        if cls in _PRIORS:
-            return _PRIORS[cls]
+        if (cls, kind) in _PRIORS:
+            return _PRIORS[(cls, kind)]
     return None
+
+
+def prior_kinds(model_class: type) -> list[str]:
+    """The kinds of prior registered for ``model_class`` (and its bases)."""
+    kinds = [k for cls in model_class.__mro__ for (c, k) in _PRIORS if c is cls]
+    return list(dict.fromkeys(kinds))
 
 
 def prior_for(model: MixtureModel, x: torch.Tensor, **hyper) -> MixturePrior:
@@ -126,8 +143,15 @@ def prior_for(model: MixtureModel, x: torch.Tensor, **hyper) -> MixturePrior:
 
     Raises ``ValueError`` naming the fix when the family has none.
     """
-    factory = lookup_prior(type(model))
+    hyper = dict(hyper)
+    kind = hyper.pop("type", "weak")
+    factory = lookup_prior(type(model), kind) if isinstance(kind, str) else None
     if factory is None:
+        kinds = prior_kinds(type(model))
+        if kinds:
+            raise ValueError(
+                f"unknown prior type {kind!r} for {type(model).__name__}; use one of {kinds}"
+            )
         raise ValueError(
             f"no prior is registered for {type(model).__name__}; register one with "
             "elbolab.inference.register_prior to use the Bayesian schemes"
@@ -367,5 +391,90 @@ def categorical_prior(
         hyper={
             "weight_concentration": weight_concentration,
             "probs_concentration": probs_concentration,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------- conjugate
+@register_prior(GaussianMixture, kind="conjugate")
+def conjugate_gaussian_prior(
+    model: GaussianMixture,
+    x: torch.Tensor,
+    *,
+    weight_concentration_prior: float | None = None,
+    mean_precision_prior: float | None = None,
+    mean_prior=None,
+    degrees_of_freedom_prior: float | None = None,
+    covariance_prior=None,
+) -> MixturePrior:
+    """scikit-learn's ``BayesianGaussianMixture`` priors, with its names and defaults:
+    weights ~ Dir(alpha_0 1_K) (alpha_0 = 1 / K), Sigma_k^-1 ~ W(W_0, nu_0) (W_0^-1 = the
+    data's covariance, nu_0 = D), mu_k | Sigma_k ~ N(m_0, Sigma_k / beta_0) (m_0 = the data's
+    mean, beta_0 = 1). Full covariances only (the Wishart is on full precisions).
+
+    Sites: ``weights`` (K,), ``covariance_tril`` (K, D, D), ``mean_offsets`` (K, D);
+    mu_k = m_0 + C_k e_k / sqrt(beta_0), Sigma_k = C_k C_k^T.
+    """
+    from .conjugate import BayesianGaussianMixture, InverseWishartCholesky
+
+    if model.covariance_type != "full":
+        raise ValueError(
+            f"the conjugate prior is a Normal-Wishart on full precisions; use "
+            f"GaussianMixture(K, 'full') with it, not covariance_type="
+            f"{model.covariance_type!r}"
+        )
+    K, D, dtype = model.n_components, x.shape[1], x.dtype
+    priors = BayesianGaussianMixture(
+        K,
+        "full",
+        "dirichlet_distribution",
+        weight_concentration_prior=weight_concentration_prior,
+        mean_precision_prior=mean_precision_prior,
+        mean_prior=mean_prior,
+        degrees_of_freedom_prior=degrees_of_freedom_prior,
+        covariance_prior=covariance_prior,
+    ).build_for(x)  # every default and check in one place
+    alpha0, beta0 = priors.weight_concentration_prior_, priors.mean_precision_prior_
+    m0, psi0 = priors.mean_prior_, priors.precision_scale_prior_
+    nu0 = priors.degrees_of_freedom_prior_
+    root = beta0**0.5
+    sites = {
+        "weights": _weights_prior(K, alpha0, dtype),
+        "covariance_tril": InverseWishartCholesky(torch.tensor(nu0, dtype=dtype), psi0)
+        .expand([K])
+        .to_event(1),
+        "mean_offsets": dist.Normal(torch.zeros(K, D, dtype=dtype), 1.0).to_event(2),
+    }
+
+    def means(v):  # mu_k = m_0 + C_k e_k / sqrt(beta_0)
+        return m0 + (v["covariance_tril"] @ v["mean_offsets"].unsqueeze(-1)).squeeze(-1) / root
+
+    def site_values(m: GaussianMixture):
+        C = torch.linalg.cholesky(m.covariances_)
+        e = torch.linalg.solve_triangular(C, (m.means_ - m0).unsqueeze(-1), upper=False)
+        return {"weights": m.weights_, "covariance_tril": C, "mean_offsets": root * e.squeeze(-1)}
+
+    return MixturePrior(
+        sites=sites,
+        component_sites=("weights", "covariance_tril", "mean_offsets"),
+        component_params=lambda v: {"loc": means(v), "scale_tril": v["covariance_tril"]},
+        event_dims={"loc": 1, "scale_tril": 2},
+        model_params=lambda v: {
+            "weights": v["weights"],
+            "means": means(v),
+            "covariances": v["covariance_tril"] @ v["covariance_tril"].transpose(-1, -2),
+        },
+        site_values=site_values,
+        key="mean_offsets",
+        description=(
+            f"weights ~ Dirichlet({alpha0:g}); Sigma_k^-1 ~ Wishart(nu_0 = {nu0:g}, W_0 = "
+            f"cov(x)^-1); means ~ Normal(m_0, Sigma_k / {beta0:g}) (scikit-learn's "
+            "BayesianGaussianMixture priors)"
+        ),
+        hyper={
+            "type": "conjugate",
+            "weight_concentration_prior": alpha0,
+            "mean_precision_prior": beta0,
+            "degrees_of_freedom_prior": nu0,
         },
     )

@@ -120,8 +120,8 @@ def test_closed_form_elbo_equals_pyros_monte_carlo_elbo(covariance_type, prior):
     pyro.set_rng_seed(0)
     elbo = pyro.infer.Trace_ELBO()
     with warnings.catch_warnings():
-        # torch's Wishart redraws the rare numerically singular sample (nu_k near D - 1
-        # for the components the data left empty), and says so
+        # torch's Wishart sampler warns on valid draws (its first support check is the
+        # wrong way round) and replaces them by fresh draws: still Wishart draws
         warnings.filterwarnings("ignore", message="Singular sample detected")
         draws = np.array([-elbo.loss(model, guide, x) for _ in range(300)])
     se = draws.std(ddof=1) / math.sqrt(len(draws))

@@ -224,7 +224,8 @@ def _check_prior(model, x: torch.Tensor, prior) -> None:
         )
     probe = copy.deepcopy(model)
     probe.build_for(x)
-    factory = lookup_prior(type(model))
+    kind = prior.get("type", "weak")
+    factory = lookup_prior(type(model), kind) if isinstance(kind, str) else None
     defaults = {}
     if factory is not None:
         defaults = {
@@ -233,6 +234,8 @@ def _check_prior(model, x: torch.Tensor, prior) -> None:
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
     for name, value in prior.items():
+        if name == "type":
+            continue
         default = defaults.get(name)
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if not _positive_number(value):
@@ -250,7 +253,9 @@ def _check_prior(model, x: torch.Tensor, prior) -> None:
     try:
         prior_for(probe, x, **prior)
     except ValueError as error:
-        if str(error).startswith(("unknown prior option", "no prior is registered")):
+        if str(error).startswith(
+            ("unknown prior option", "no prior is registered", "unknown prior type")
+        ):
             raise
         raise ValueError(
             f"prior={prior!r} does not give a valid prior for {type(model).__name__} "
@@ -647,4 +652,103 @@ def nuts(
     flags = report.flags() + nuts_flags(idata, rhat_max=rhat_max)
     return _posterior_fit(
         model, x, program, relabelled, idata, "posterior mean", flags, fit, n_iter=fit.n_iter
+    )
+
+
+# ---------------------------------------------------------------------------- variational Bayes
+def _conjugate(prior) -> dict:
+    """The conjugate prior's hyperparameters from a scheme's ``prior`` option."""
+    return {k: v for k, v in (prior or {}).items() if k != "type"}
+
+
+def _validate_vb(model, x, *, init, reg_covar, prior, tol, max_iter, num_samples) -> None:
+    """``vb`` takes the conjugate prior only (``prior=None`` or ``{"type": "conjugate", ...}``)."""
+    if prior is not None and (not isinstance(prior, dict) or prior.get("type") != "conjugate"):
+        raise ValueError(
+            f"scheme 'vb' fits under the conjugate prior, got prior={prior!r}; pass "
+            "prior={'type': 'conjugate', ...} (scikit-learn's BayesianGaussianMixture names) "
+            "to compare map, mean-field and nuts with it on one posterior, or leave 'vb' out"
+        )
+    _validate_bayesian(
+        model,
+        x,
+        init=init,
+        reg_covar=reg_covar,
+        prior={"type": "conjugate", **_conjugate(prior)},
+        num_threads=1,
+    )
+    check_number_option("tol", tol, low=0, example=1e-8)
+    check_positive_int_option("max_iter", max_iter, example=1000)
+    check_positive_int_option("num_samples", num_samples, example=1000)
+
+
+def _full_covariance(model) -> bool:
+    return model.covariance_type == "full"
+
+
+@register_scheme(
+    "vb",
+    GaussianMixture,
+    applies=_full_covariance,
+    validate=_validate_vb,
+    default=False,
+    description="variational Bayes (CAVI: VB-Z, VB-THETA) under the conjugate prior",
+)
+def variational_bayes(
+    model,
+    x,
+    *,
+    seed,
+    init="kmeans++",
+    reg_covar=1e-6,
+    prior=None,
+    tol=1e-8,
+    max_iter=1000,
+    num_samples=1000,
+) -> SchemeFit:
+    """CAVI under the conjugate prior (scikit-learn's ``BayesianGaussianMixture`` priors,
+    Dirichlet weights), from the EM start's responsibilities; bound = VB-ELBO / N (exact).
+
+    theta_hat is the mean of ``num_samples`` draws from q(theta), relabelled and exported
+    to ArviZ as the other posterior schemes' draws are.
+    """
+    from ...guides.mean_field import MeanFieldPosterior
+    from ...models.conjugate import BayesianGaussianMixture
+
+    initialize(model, x, init=init, seed=seed, reg_covar=reg_covar)
+    hyper = _conjugate(prior)
+    vb = BayesianGaussianMixture(model.n_components, "full", "dirichlet_distribution", **hyper)
+    guide = MeanFieldPosterior(vb)
+    fitter = EM(
+        vb,
+        guide,
+        tol=tol,
+        max_iter=max_iter,
+        init={"responsibilities": model.predict_proba(x)},
+        reg_covar=reg_covar,
+        progress=False,
+    )
+    result = fitter.fit(x)
+    program = BayesianMixture(model, x, {"type": "conjugate", **hyper})
+    drawn = guide.draw(num_samples)
+    as_model = type("Draws", (), {f"{k}_": v for k, v in drawn.items()})
+    values = program.prior.site_values(as_model)
+    relabelled, report = relabel({k: v.unsqueeze(0) for k, v in values.items()}, program.prior)
+    idata = to_inference_data(program, relabelled, x)
+    flags = report.flags()
+    if not result.converged:
+        flags.append(f"CAVI stopped at max_iter={max_iter}")
+    return _posterior_fit(
+        model,
+        x,
+        program,
+        relabelled,
+        idata,
+        "posterior mean (q)",
+        flags,
+        result,
+        bound=result.lower_bound,
+        bound_se=0.0,
+        n_iter=result.n_iter,
+        converged=result.converged,
     )

@@ -93,6 +93,7 @@ class Scheme:
     description: str = ""
     applies: Callable[[Any], bool] | None = None
     validate: Callable[..., None] | None = None
+    default: bool = True
 
     @property
     def options(self) -> dict[str, Any]:
@@ -121,13 +122,16 @@ def register_scheme(
     description: str = "",
     applies: Callable[[Any], bool] | None = None,
     validate: Callable[..., None] | None = None,
+    default: bool = True,
 ) -> Callable[[SchemeFn], SchemeFn]:
     """Decorator registering scheme ``name`` for ``model_class`` (and its subclasses).
 
     ``fn(model, x, *, seed, **options) -> SchemeFit``; its keyword-only arguments other
     than ``seed`` are its options. ``applies(model) -> bool`` narrows it to some instances;
     ``validate(model, x, **options)`` raises ``ValueError`` for bad options or data before
-    any scheme is fitted. Registering the same (name, class) again replaces the scheme.
+    any scheme is fitted. ``default=False``: run only when named (``compare``'s
+    ``schemes=None`` runs :func:`default_schemes_for`). Registering the same (name, class)
+    again replaces the scheme.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"a scheme name must be a non-empty string, got {name!r}")
@@ -145,6 +149,7 @@ def register_scheme(
             description or (fn.__doc__ or "").strip().split("\n")[0],
             applies,
             validate,
+            default,
         )
         return fn
 
@@ -164,6 +169,11 @@ def lookup_scheme(name: str, model) -> Scheme | None:
 def schemes_for(model) -> list[str]:
     """Names of the schemes that fit ``model``, in registration order."""
     return [name for name in _SCHEMES if lookup_scheme(name, model) is not None]
+
+
+def default_schemes_for(model) -> list[str]:
+    """The schemes ``compare`` runs when none are named: those registered as default."""
+    return [name for name in schemes_for(model) if lookup_scheme(name, model).default]
 
 
 def resolve_schemes(model, names: Iterable[str] | str) -> list[Scheme]:

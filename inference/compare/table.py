@@ -55,7 +55,7 @@ from sklearn.exceptions import ConvergenceWarning
 from ...models.base import as_data_tensor
 from . import linear_gaussian, mixture  # noqa: F401  (register the PPCA / FA and mixture schemes)
 from .posterior import arviz, loo_flags
-from .schemes import Scheme, SchemeFit, resolve_schemes, schemes_for
+from .schemes import Scheme, SchemeFit, default_schemes_for, resolve_schemes, schemes_for
 
 if TYPE_CHECKING:
     import arviz as az
@@ -211,7 +211,9 @@ def compare(
         Array-like (N, D).
     schemes:
         Scheme names, e.g. ``["em", "em-gradient", "direct", "map", "mean-field", "nuts"]``;
-        ``None``: every scheme that fits the model (``schemes_for(model)``).
+        ``None``: every default scheme that fits the model (``default_schemes_for(model)``;
+        ``schemes_for(model)`` lists them all, e.g. ``"vb"`` for a full-covariance
+        ``GaussianMixture``).
     seed:
         Every scheme starts from the same point for this seed; random draws (SVI, NUTS)
         are seeded from it too, inside ``torch.random.fork_rng`` (the caller's random state
@@ -248,7 +250,7 @@ def compare(
     a spike on duplicated points) keeps its numbers and says so in ``flags``
     (``"collapsed: ..."``), as does one whose log p(x) is not finite (``"non-finite: ..."``).
     """
-    names = schemes_for(model) if schemes is None else schemes
+    names = default_schemes_for(model) if schemes is None else schemes
     if not isinstance(names, (str, dict)) and isinstance(names, Iterable):
         names = [*names]  # read once: an iterator is checked, then fitted
     resolve_schemes(model, names)  # first: a bad scheme name is the likeliest mistake

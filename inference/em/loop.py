@@ -68,10 +68,14 @@ class EM(Fitter):
     ----------
     model:
         A :class:`~elbolab.models.MixtureModel`, a linear-Gaussian model (``PPCA``,
-        ``FactorAnalysis``), or a hidden Markov model.
+        ``FactorAnalysis``), a hidden Markov model, or a
+        :class:`~elbolab.models.BayesianGaussianMixture` (variational Bayes).
     guide:
         Its exact posterior: ``ExactPosterior(model)`` for discrete latents,
-        ``ExactGaussianPosterior(model)`` for PPCA and factor analysis.
+        ``ExactGaussianPosterior(model)`` for PPCA and factor analysis; or
+        ``MeanFieldPosterior(model)`` for a ``BayesianGaussianMixture``, with which each
+        iteration is a step of coordinate ascent on the bound (CAVI: VB-Z, VB-THETA;
+        ``m_step`` is then ``"cavi"`` in the result).
     m_step:
         ``"auto"`` (closed form where the model's family has one, gradient otherwise),
         ``"closed-form"`` or ``"gradient"``.
@@ -114,11 +118,13 @@ class EM(Fitter):
     init:
         Mixtures: ``"kmeans++"`` (default), ``"kmeans"``, ``"random_from_data"``,
         ``"random"``; PPCA and factor analysis: ``"random"``; or a dict of parameters
-        (``model.param_names()``), a partial one completed from the default start.
+        (``model.param_names()``), a partial one completed from the default start;
+        variational Bayes: a method, or ``{"responsibilities": resp}`` (N, K).
     reg_covar:
         Regulariser of the closed-form M-step, in the data's units: added to covariance
         diagonals (Gaussian), a pseudo-count per sample (Bernoulli, categorical), added to
-        rates (Poisson), a floor on noise variances (PPCA, FA). 0: the plain update.
+        rates (Poisson), a floor on noise variances (PPCA, FA), added to the scatter's
+        diagonal in VB-THETA (as scikit-learn's). 0: the plain update.
     seed:
         Seed of the starts (and of stochastic EM's minibatches): a seed fixes a run.
     warm_start:
