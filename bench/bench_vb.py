@@ -95,11 +95,10 @@ def run_ours(x, resp, tol, max_iter):
     return guide, result
 
 
-def bench(x: np.ndarray, repeats: int) -> list[tuple]:
+def bench(x: np.ndarray, repeats: int):
     resp = hard_start(x)
     xt = torch.from_numpy(x)
     resp_t = torch.from_numpy(resp)
-    rows = []
     for label, tol_sk, tol_ours, max_iter in (
         ("20 iterations", 0.0, 0.0, 20),
         ("to convergence", 1e-3, 1e-3 / x.shape[0], 500),
@@ -113,8 +112,7 @@ def bench(x: np.ndarray, repeats: int) -> list[tuple]:
             partial(run_ours, xt, resp_t, tol_ours, max_iter), repeats
         )
         gap = float(np.abs(guide.weights_.numpy() - sk.weights_).max())
-        rows.append((label, t_ours, min(sk_times), result.n_iter, sk.n_iter_, gap))
-    return rows
+        yield label, t_ours, min(sk_times), result.n_iter, sk.n_iter_, gap
 
 
 def main() -> None:
@@ -137,7 +135,8 @@ def main() -> None:
         for label, ours, sk, it_ours, it_sk, gap in bench(x, args.repeats):
             print(
                 f"{d:>3}  {label:<15} {ours:>11.2f} {sk:>11.2f} {ours / sk:>6.2f} "
-                f"{it_ours:>4}/{it_sk:<4}  {gap:.1e}"
+                f"{it_ours:>4}/{it_sk:<4}  {gap:.1e}",
+                flush=True,
             )
     print("\nratio = elbolab / scikit-learn (target <= 1); iter = elbolab/scikit-learn")
 

@@ -1,4 +1,4 @@
-"""The mean-field guide q(z) q(pi) prod_k q(mu_k, Lambda_k): with it, the EM loop is VB (CAVI).
+"""The mean-field guide q(z) q(pi) prod_k q(theta_k): with it, the EM loop is VB (CAVI).
 
 For :class:`~elbolab.models.BayesianGaussianMixture` (PRML section 10.2, VI-MF):
 
@@ -19,6 +19,11 @@ The guide keeps that plug-in and its :class:`~elbolab.guides.ExactPosterior`, so
 is the one EM runs, Pyro's enumeration included, and the sums it returns are EM's
 (VB-THETA reads them: :mod:`elbolab.inference.em.variational`).
 
+The same holds for every conjugate mixture (:class:`~elbolab.models.conjugate.ConjugateMixture`:
+Bernoulli with Beta priors, Poisson with Gamma priors, categorical with Dirichlet priors):
+the plug-in's parameters are exp E_q[ln theta] normalised, and the normaliser moves into
+ln w~_k. The model says how (``plugin_values``); this guide is the same for all of them.
+
 q(theta)'s parameters are buffers of this module (``state_dict`` saves them); the
 ``covariance_type`` restricts W_k (diagonal, a multiple of I, or one (W, nu) shared). The
 guide is a Pyro program with the model's signature, so ``pyro.infer.Trace_ELBO().loss(model,
@@ -28,8 +33,6 @@ in closed form.
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -38,63 +41,53 @@ from pyro.nn import PyroModule
 
 from ..models.base import NotFittedError
 from ..models.conjugate import (
-    BayesianGaussianMixture,
+    ConjugateMixture,
     expected_log_weights,
-    kl_normal_wishart,
     kl_weights,
     link_posterior,
     stick_weights,
-    wishart_sample,
 )
-from ..models.gaussian import GaussianMixture
 from .exact import ExactPosterior
-
-#: the buffers holding q(theta), in the order :meth:`MeanFieldPosterior.set_q` takes them
-Q_NAMES = (
-    "weight_concentration",
-    "mean_precision",
-    "means",
-    "degrees_of_freedom",
-    "precision_scale",
-)
 
 
 class MeanFieldPosterior(PyroModule):
-    """q(z) q(pi) prod_k q(mu_k, Lambda_k) for a :class:`~elbolab.models.BayesianGaussianMixture`.
+    """q(z) q(pi) prod_k q(theta_k) for a conjugate mixture (e.g. ``BayesianGaussianMixture``).
 
     Parameters
     ----------
     model:
         The conjugate mixture it approximates the posterior of.
 
-    Fitted attributes (scikit-learn's names and layouts): ``weight_concentration_``
-    (alpha (K,), or the sticks' ``(a, b)``), ``mean_precision_`` beta (K,), ``means_`` m
-    (K, D), ``degrees_of_freedom_`` nu (K,) (``"tied"``: one value), ``covariances_``
-    W_k^-1 / nu_k ((K, D, D) full, (D, D) tied, (K, D) diag, (K,) spherical),
-    ``precisions_``, ``weights_`` E_q[pi] (normalised under the Dirichlet process, as
-    scikit-learn does).
+    Fitted attributes (scikit-learn's names and layouts for the Gaussian mixture):
+    ``weight_concentration_`` (alpha (K,), or the sticks' ``(a, b)``), ``weights_``
+    E_q[pi] (normalised under the Dirichlet process, as scikit-learn does), and the
+    family's own (:meth:`ConjugateMixture.q_attributes`): for the Gaussian
+    ``mean_precision_`` beta (K,), ``means_`` m (K, D), ``degrees_of_freedom_`` nu (K,)
+    (``"tied"``: one value), ``covariances_`` W_k^-1 / nu_k ((K, D, D) full, (D, D) tied,
+    (K, D) diag, (K,) spherical), ``precisions_``.
     """
 
-    def __init__(self, model: BayesianGaussianMixture) -> None:
-        if not isinstance(model, BayesianGaussianMixture):
+    def __init__(self, model: ConjugateMixture) -> None:
+        if not isinstance(model, ConjugateMixture):
             raise ValueError(
-                f"MeanFieldPosterior approximates the posterior of a BayesianGaussianMixture, "
-                f"got {type(model).__name__}; for a mixture with point parameters use "
-                "ExactPosterior(model)"
+                f"MeanFieldPosterior approximates the posterior of a conjugate mixture (e.g. "
+                f"BayesianGaussianMixture), got {type(model).__name__}; for a mixture with "
+                "point parameters use ExactPosterior(model)"
             )
         super().__init__()
         self._model_ref = (model,)  # a tuple keeps the model out of the state_dict
-        self._plugin: tuple = ()  # (GaussianMixture, ExactPosterior) once built
+        self._plugin: tuple = ()  # (plug-in mixture, its ExactPosterior) once built
+        self._q_names: tuple[str, ...] = ()
         link_posterior(model, self)
 
     @property
-    def model(self) -> BayesianGaussianMixture:
+    def model(self) -> ConjugateMixture:
         return self._model_ref[0]
 
     # ------------------------------------------------------------------ q(theta)
     @property
     def is_built(self) -> bool:
-        return "means" in self._buffers
+        return "weight_concentration" in self._buffers
 
     def _require_built(self) -> None:
         if not self.is_built:
@@ -107,27 +100,33 @@ class MeanFieldPosterior(PyroModule):
         """Allocate q(theta) for the model's K, D and dtype (values set by the first M-step)."""
         model = self.model
         model._require_built()
-        K, D, dtype = model.n_components, model.n_features_in_, model.dtype
+        K, dtype = model.n_components, model.dtype
         dp = model.weight_concentration_prior_type == "dirichlet_process"
         self.register_buffer(
             "weight_concentration", torch.ones((2, K) if dp else (K,), dtype=dtype)
         )
-        self.register_buffer("mean_precision", torch.ones(K, dtype=dtype))
-        self.register_buffer("means", torch.zeros(K, D, dtype=dtype))
-        self.register_buffer("degrees_of_freedom", torch.full((K,), float(D), dtype=dtype))
-        self.register_buffer("precision_scale", torch.eye(D, dtype=dtype).repeat(K, 1, 1))
-        plugin = GaussianMixture(K, model.covariance_type).build(D, dtype)
+        q = model.q_init()
+        for name, value in q.items():
+            self.register_buffer(name, value)
+        self._q_names = ("weight_concentration", *q)
+        plugin = model.plugin()
         self._plugin = (plugin, ExactPosterior(plugin))
         return self
 
     def unbuild(self) -> MeanFieldPosterior:
-        for name in Q_NAMES:
-            self._buffers.pop(name, None)
-        self._plugin = ()
+        for name in list(self._buffers):
+            self._buffers.pop(name)
+        self._plugin, self._q_names = (), ()
         return self
 
+    @property
+    def q(self) -> dict[str, torch.Tensor]:
+        """The components' q(theta) buffers by name (the weights' not included)."""
+        self._require_built()
+        return {n: self._buffers[n] for n in self._q_names if n != "weight_concentration"}
+
     def set_q(self, **q: torch.Tensor) -> None:
-        """Set q(theta) (entries of ``Q_NAMES``), then the plug-in mixture VB-Z reads."""
+        """Set q(theta) (any of its buffers), then the plug-in mixture VB-Z reads."""
         for name, value in q.items():
             self._buffers[name].copy_(value)
         self.sync()
@@ -139,8 +138,8 @@ class MeanFieldPosterior(PyroModule):
         return out
 
     @property
-    def plugin(self) -> GaussianMixture:
-        """The Gaussian mixture whose exact posterior is VB-Z's q(z)."""
+    def plugin(self):
+        """The point-parameter mixture whose exact posterior is VB-Z's q(z)."""
         self._require_built()
         return self._plugin[0]
 
@@ -152,22 +151,14 @@ class MeanFieldPosterior(PyroModule):
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Plug-in weights w~ / sum w~, means m_k and covariances W_k^-1 / nu_k from q(theta)."""
+        """The plug-in's weights w~ / sum w~ and component parameters from q(theta)."""
         from ..inference.em.mixture import write_param  # (inference imports the guides)
 
-        plugin, kind = self.plugin, self.model.covariance_type
-        nu = self.degrees_of_freedom
+        values, _ = self.model.plugin_values(self.q)
+        plugin = self.plugin
         write_param(plugin, "weights", self.log_weights_tilde().log_softmax(0), unconstrained=True)
-        write_param(plugin, "means", self.means, unconstrained=True)
-        if kind in ("full", "tied"):
-            chol = torch.linalg.cholesky(self.precision_scale)  # of Psi_k = W_k^-1
-            log_diag = chol.diagonal(dim1=-2, dim2=-1).log() - 0.5 * nu.log().unsqueeze(-1)
-            tril = chol.tril(-1) / nu.sqrt()[:, None, None] + log_diag.diag_embed()
-            write_param(plugin, "scale_tril", tril if kind == "full" else tril[0], True)
-        else:
-            var = self.precision_scale.diagonal(dim1=-2, dim2=-1) / nu.unsqueeze(-1)
-            var = var if kind == "diag" else var[:, 0]
-            write_param(plugin, "scales", 0.5 * var.log(), unconstrained=True)
+        for name, (value, unconstrained) in values.items():
+            write_param(plugin, name, value, unconstrained=unconstrained)
 
     def expected_log_weights(self) -> torch.Tensor:
         """E_q[ln pi_k], shape (K,)."""
@@ -177,19 +168,11 @@ class MeanFieldPosterior(PyroModule):
         )
 
     def log_weights_tilde(self) -> torch.Tensor:
-        """ln w~_k (K,): ln rho_dk - ln N(x_d | m_k, W_k^-1 / nu_k), the same for every d."""
-        D, nu, beta = self.model.n_features_in_, self.degrees_of_freedom, self.mean_precision
-        i = torch.arange(D, dtype=nu.dtype)
-        half_digamma = 0.5 * torch.digamma(0.5 * (nu.unsqueeze(-1) - i)).sum(-1)
-        return (
-            self.expected_log_weights()
-            + half_digamma
-            + 0.5 * D * (math.log(2) - nu.log())
-            - 0.5 * D / beta
-        )
+        """ln w~_k (K,): ln rho_dk - ln p_plugin,k(x_d), the same for every d."""
+        return self.expected_log_weights() + self.model.plugin_values(self.q)[1]
 
     def kl(self) -> torch.Tensor:
-        """KL(q(theta) || p(theta)) = KL of the weights + sum_k KL of (mu_k, Lambda_k) (0-d)."""
+        """KL(q(theta) || p(theta)) = KL of the weights + sum_k KL of theta_k (0-d)."""
         self._require_built()
         model = self.model
         kl_pi = kl_weights(
@@ -197,17 +180,7 @@ class MeanFieldPosterior(PyroModule):
             self.weight_concentration,
             model.weight_concentration_prior_,
         )
-        kl_theta = kl_normal_wishart(
-            self.mean_precision,
-            self.means,
-            self.precision_scale,
-            self.degrees_of_freedom,
-            model.mean_precision_prior_,
-            model.mean_prior_,
-            model.precision_scale_prior_,
-            model.degrees_of_freedom_prior_,
-        )
-        return kl_pi + kl_theta.sum()
+        return kl_pi + model.kl_components(self.q).sum()
 
     # ------------------------------------------------------------------ q(z) (VB-Z)
     @torch.no_grad()
@@ -237,7 +210,8 @@ class MeanFieldPosterior(PyroModule):
     def elbo(self, x, sample_weight=None) -> float:
         """VB-ELBO at q(z) = VB-Z's for the current q(theta), summed over the data:
 
-        sum_d w_d ln sum_k rho_dk - KL(q(theta) || p(theta)) (every term of PRML (10.70)-(10.77)).
+        sum_d w_d ln sum_k rho_dk - KL(q(theta) || p(theta)) (every term; for the Gaussian,
+        PRML (10.70)-(10.77)).
 
         ``sample_weight``: relative weights, as EM reads them: put to mean 1 (w_d N / sum w),
         so that unit weights count each row once."""
@@ -249,7 +223,7 @@ class MeanFieldPosterior(PyroModule):
 
     # ------------------------------------------------------------------ the Pyro program
     def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None):
-        """Draws pi (or the sticks), Lambda_k, mu_k and z_d from q, at the model's sites."""
+        """Draws pi (or the sticks), theta_k and z_d from q, at the model's sites."""
         self._require_built()
         model = self.model
         K = model.n_components
@@ -259,28 +233,20 @@ class MeanFieldPosterior(PyroModule):
                 pyro.sample("sticks", dist.Beta(a, b))
         else:
             pyro.sample("weights", dist.Dirichlet(self.weight_concentration))
-        scale = torch.cholesky_inverse(torch.linalg.cholesky(self.precision_scale))  # W_k
         with pyro.plate("components", K):
-            precisions = pyro.sample(
-                "precisions", dist.Wishart(self.degrees_of_freedom, covariance_matrix=scale)
-            )
-            pyro.sample(
-                "means",
-                dist.MultivariateNormal(
-                    self.means, precision_matrix=self.mean_precision[:, None, None] * precisions
-                ),
-            )
+            model.guide_sites(self.q)
         with torch.no_grad():
             resp = self.plugin.predict_proba(x)  # (N, K), VB-Z at the current q(theta)
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=1.0 if sample_weight is None else sample_weight):
                 pyro.sample(model.latent_site, dist.Categorical(probs=resp))
 
+    # ------------------------------------------------------------------ draws
     @torch.no_grad()
     def draw(self, n: int) -> dict[str, torch.Tensor]:
-        """``n`` draws of theta from q: ``weights`` (n, K), ``means`` (n, K, D) and
-        ``covariances`` Lambda_k^-1 (n, K, D, D). Under the Dirichlet process the weights
-        are the sticks' pi_k, put to sum 1 over the K components."""
+        """``n`` draws of theta from q in the plug-in's layout: ``weights`` (n, K) and the
+        family's (Gaussian: ``means`` (n, K, D), ``covariances`` (n, K, D, D)). Under the
+        Dirichlet process the weights are the sticks' pi_k, put to sum 1 over K."""
         self._require_built()
         c = self.weight_concentration
         if c.dim() == 1:
@@ -290,91 +256,52 @@ class MeanFieldPosterior(PyroModule):
             left = torch.cumprod(1 - v, -1)
             weights = v * torch.cat([torch.ones_like(v[:, :1]), left[:, :-1]], -1)
             weights = weights / weights.sum(-1, keepdim=True)
-        scale = torch.cholesky_inverse(torch.linalg.cholesky(self.precision_scale))  # W_k
-        precisions = wishart_sample(self.degrees_of_freedom, (n,), covariance_matrix=scale)
-        means = dist.MultivariateNormal(
-            self.means, precision_matrix=self.mean_precision[:, None, None] * precisions
-        ).sample()
-        covariances = torch.cholesky_inverse(torch.linalg.cholesky(precisions))
-        return {"weights": weights, "means": means, "covariances": covariances}
+        return {"weights": weights, **self.model.draw_components(self.q, n)}
 
-    # ------------------------------------------------------------------ predictive
     @torch.no_grad()
     def sample_predictive(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` draws (x, z) from the posterior predictive (PRML (10.81)); see
-        ``BayesianGaussianMixture.sample``."""
+        """``n`` draws (x, z) from the posterior predictive; see ``ConjugateMixture.sample``."""
         model = self.model
-        K, D = model.n_components, model.n_features_in_
+        K = model.n_components
         if model.weight_concentration_prior_type == "dirichlet_process":
             probs = stick_weights(self.weight_concentration)  # (K + 1,), the rest last
         else:
             probs = self.weight_concentration / self.weight_concentration.sum()
         z = dist.Categorical(probs=probs).sample((n,))
-        beta, nu = self.mean_precision, self.degrees_of_freedom
-        m, psi = self.means, self.precision_scale
+        x = model.predictive(self.q).sample((n,))  # (n, K, D): each row's own component below
         if probs.shape[0] > K:  # a fresh component: the prior's predictive
-            beta = torch.cat([beta, beta.new_tensor([model.mean_precision_prior_])])
-            nu = torch.cat([nu, nu.new_tensor([model.degrees_of_freedom_prior_])])
-            m = torch.cat([m, model.mean_prior_.unsqueeze(0)])
-            psi = torch.cat([psi, model.precision_scale_prior_.unsqueeze(0)])
-        df = nu + 1 - D
-        scale = ((1 + beta) / (df * beta))[:, None, None] * psi
-        student = dist.MultivariateStudentT(df, m, torch.linalg.cholesky(scale))
-        x = student.sample((n,))  # (n, K(+1), D): each row's own component below
-        return x[torch.arange(n), z], z
+            fresh = model._fresh_predictive().sample((n,)).unsqueeze(1)
+            x = torch.cat([x, fresh.to(x.dtype)], 1)
+        return x[torch.arange(n), z].to(model.dtype), z
 
     # ------------------------------------------------------------------ fitted attributes
-    def _q(self, name: str) -> torch.Tensor:
-        self._require_built()
-        return self._buffers[name].detach()
-
     @property
     def weight_concentration_(self):
         """alpha (K,), or the sticks' ``(a, b)``, each (K,)."""
-        c = self._q("weight_concentration")
+        self._require_built()
+        c = self.weight_concentration.detach()
         return c if c.dim() == 1 else (c[0], c[1])
-
-    @property
-    def mean_precision_(self) -> torch.Tensor:
-        return self._q("mean_precision")
-
-    @property
-    def means_(self) -> torch.Tensor:
-        return self._q("means")
-
-    @property
-    def degrees_of_freedom_(self) -> torch.Tensor:
-        nu = self._q("degrees_of_freedom")
-        return nu[0] if self.model.covariance_type == "tied" else nu
-
-    @property
-    def covariances_(self) -> torch.Tensor:
-        """W_k^-1 / nu_k in scikit-learn's layout for the covariance type."""
-        cov = self._q("precision_scale") / self._q("degrees_of_freedom")[:, None, None]
-        kind = self.model.covariance_type
-        if kind == "full":
-            return cov
-        if kind == "tied":
-            return cov[0]
-        diag = cov.diagonal(dim1=-2, dim2=-1)
-        return diag if kind == "diag" else diag[:, 0]
-
-    @property
-    def precisions_(self) -> torch.Tensor:
-        """The inverses of ``covariances_`` (nu_k W_k), in the same layout."""
-        cov = self.covariances_
-        if self.model.covariance_type in ("full", "tied"):
-            return torch.cholesky_inverse(torch.linalg.cholesky(cov))
-        return cov.reciprocal()
 
     @property
     def weights_(self) -> torch.Tensor:
         """E_q[pi_k] (K,); under the Dirichlet process normalised over the K components."""
-        c = self._q("weight_concentration")
+        self._require_built()
+        c = self.weight_concentration.detach()
         if c.dim() == 1:
             return c / c.sum()
         w = stick_weights(c)[:-1]
         return w / w.sum()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not name.endswith("_") or name.startswith("_") or not self.is_built:
+                raise
+            attributes = self.model.q_attributes({k: v.detach() for k, v in self.q.items()})
+            if name[:-1] in attributes:
+                return attributes[name[:-1]]
+            raise
 
     @property
     def n_features_in_(self) -> int | None:

@@ -4,7 +4,12 @@ from .base import MixtureModel, NotFittedError, as_data_tensor
 from .bayesian import BayesianMixture  # noqa: E402  (after the families it reads)
 from .bernoulli import BernoulliMixture
 from .categorical import CategoricalMixture
-from .conjugate import BayesianGaussianMixture
+from .conjugate import BayesianGaussianMixture, ConjugateMixture
+from .conjugate_discrete import (
+    BayesianBernoulliMixture,
+    BayesianCategoricalMixture,
+    BayesianPoissonMixture,
+)
 from .enumeration import EnumeratedJoint, enumerate_joint
 from .gaussian import GaussianMixture, SingularCovarianceError
 from .hmm import (
@@ -24,7 +29,11 @@ __all__ = [
     "GaussianHMM",
     "HiddenMarkovModel",
     "PoissonHMM",
+    "BayesianBernoulliMixture",
+    "BayesianCategoricalMixture",
     "BayesianGaussianMixture",
+    "BayesianPoissonMixture",
+    "ConjugateMixture",
     "BayesianMixture",
     "BernoulliMixture",
     "CategoricalMixture",

@@ -44,7 +44,7 @@ from .base import (
     check_positive_int,
     check_seed,
 )
-from .gaussian import COVARIANCE_TYPES
+from .gaussian import COVARIANCE_TYPES, GaussianMixture
 
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 
@@ -308,7 +308,201 @@ def _positive(name: str, value, example: str) -> float | None:
     return float(value)
 
 
-class BayesianGaussianMixture(PyroModule):
+class ConjugateMixture(PyroModule):
+    """A mixture whose weights and component parameters have conjugate priors.
+
+    What every conjugate mixture shares: the weights' prior (a Dirichlet, or the
+    Dirichlet process's sticks), the data checks of its point-parameter family, and the
+    program's frame; a family adds its component priors and the closed forms the
+    mean-field guide reads (each method below says which). VB-Z for every such family is
+    EM-MIX.1 of a *plug-in* mixture of the same family (``plugin_class``) whose
+    parameters are E_q-moments of q(theta), up to a per-component offset that depends on
+    q only:
+
+        ln rho_dk = E[ln pi_k] + E_q[ln p(x_d | theta_k)] = ln w~_k + ln p_plugin,k(x_d).
+    """
+
+    latent_site = "z"
+    observed_site = "x"
+    #: the mixture family of point parameters whose E-step VB-Z is
+    plugin_class: type = MixtureModel
+
+    def __init__(
+        self,
+        n_components: int,
+        weight_concentration_prior_type: str = "dirichlet_process",
+        weight_concentration_prior: float | None = None,
+    ) -> None:
+        check_positive_int("n_components", n_components, "the number of mixture components")
+        if weight_concentration_prior_type not in WEIGHT_PRIOR_TYPES:
+            raise ValueError(
+                f"weight_concentration_prior_type must be one of {WEIGHT_PRIOR_TYPES}, got "
+                f"{weight_concentration_prior_type!r}"
+            )
+        super().__init__()
+        self.n_components = int(n_components)
+        self.weight_concentration_prior_type = weight_concentration_prior_type
+        self.weight_concentration_prior = _positive(
+            "weight_concentration_prior", weight_concentration_prior, "1 / n_components"
+        )
+        self.n_features_in_: int | None = None
+        self._posterior_ref = None  # weakref to the MeanFieldPosterior fitted to it
+
+    # ------------------------------------------------------------------ priors
+    @property
+    def is_built(self) -> bool:
+        return self.n_features_in_ is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        self._require_built()
+        return self._dtype
+
+    def _require_built(self) -> None:
+        if not self.is_built:
+            raise NotFittedError(
+                f"this {type(self).__name__} has no priors yet: fit it with "
+                "elbolab.inference.EM(model, MeanFieldPosterior(model)).fit(x), or call "
+                "model.build_for(x)."
+            )
+
+    def build_for(self, x: torch.Tensor):
+        """Set the priors for data like ``x`` (N, D): every check before anything is set."""
+        K = self.n_components
+        self._build_priors(x)  # the family's, checked (raises before anything is kept)
+        self.weight_concentration_prior_ = float(self.weight_concentration_prior or 1.0 / K)
+        self.n_features_in_, self._dtype = int(x.shape[1]), x.dtype
+        return self
+
+    def unbuild(self):
+        for name in list(self._buffers):
+            self._buffers.pop(name)
+        self.n_features_in_ = None
+        return self
+
+    def _build_priors(self, x: torch.Tensor) -> None:
+        """The family's priors for data ``x`` (buffers and numbers ending in ``_``)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    # ------------------------------------------------------------------ data
+    def _template(self) -> MixtureModel:
+        """An unbuilt mixture of the point-parameter family (its data checks)."""
+        return self.plugin_class(self.n_components)
+
+    def validate_data(self, x, *, name: str = "x", reset: bool = False) -> torch.Tensor:
+        """(N, D) data in the family's support, checked as for its point-parameter mixture."""
+        return MixtureModel.validate_data(self, x, name=name, reset=reset)
+
+    def _check_support(self, x: torch.Tensor, fitted: bool) -> None:
+        self._template()._check_support(x, False)
+
+    def plugin(self) -> MixtureModel:
+        """A new plug-in mixture built for the model's data dimensions."""
+        return self.plugin_class(self.n_components).build(self.n_features_in_, self.dtype)
+
+    # ------------------------------------------------------------------ the Pyro program
+    def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None):
+        """p(pi) p(theta) prod_d p(z_d | pi) p(x_d | z_d, theta) for ``x`` (N, D)."""
+        return self._program(x.shape[0], x, sample_weight)
+
+    def _program(self, n: int, x: torch.Tensor | None, sample_weight=None):
+        self._require_built()
+        K, dtype = self.n_components, self.dtype
+        gamma = torch.tensor(self.weight_concentration_prior_, dtype=dtype)
+        dp = self.weight_concentration_prior_type == "dirichlet_process"
+        if dp:
+            with pyro.plate("stick_plate", K):
+                v = pyro.sample("sticks", dist.Beta(torch.ones((), dtype=dtype), gamma))
+            left = torch.cumprod(1 - v, -1)
+            before = torch.cat([torch.ones_like(v[..., :1]), left[..., :-1]], -1)
+            pi = torch.cat([v * before, left[..., -1:]], -1)  # (K + 1,): the rest last
+        else:
+            pi = pyro.sample("weights", dist.Dirichlet(gamma.expand(K)))
+        with pyro.plate("components", K):
+            theta = self._prior_sites()
+        with pyro.plate("data", n):
+            with poutine.scale(scale=1.0 if sample_weight is None else sample_weight):
+                z = pyro.sample(self.latent_site, dist.Categorical(probs=pi))
+                component = self._observation(theta, z.clamp(max=K - 1))
+                if dp:  # category K: a fresh component's prior predictive
+                    fresh = self._fresh_predictive().expand(component.batch_shape)
+                    component = dist.MaskedMixture(z == K, component, fresh)
+                return pyro.sample(self.observed_site, component, obs=x)
+
+    def _prior_sites(self) -> dict[str, torch.Tensor]:
+        """pyro.sample the component parameters from their prior (inside plate K)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def _observation(self, theta: dict, k: torch.Tensor) -> dist.TorchDistribution:
+        """p(x_d | theta_{k_d}) for component indices ``k`` (N,): event (D,)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def _fresh_predictive(self) -> dist.TorchDistribution:
+        """The prior predictive of one fresh component (event (D,))."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    # ------------------------------------------------------------------ closed forms of q
+    def q_init(self) -> dict[str, torch.Tensor]:
+        """Buffers of the components' q (any valid values; VB-THETA sets them)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def plugin_values(self, q: dict) -> tuple[dict, torch.Tensor]:
+        """The plug-in's parameters ``{name: (value, unconstrained)}`` and the offsets
+        ln w~_k - E[ln pi_k] (K,) that VB-Z adds to each component."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def kl_components(self, q: dict) -> torch.Tensor:
+        """KL(q(theta_k) || p(theta_k)) for every component, shape (K,)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def guide_sites(self, q: dict) -> None:
+        """pyro.sample the component parameters from q (inside plate K)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def draw_components(self, q: dict, n: int) -> dict[str, torch.Tensor]:
+        """``n`` draws of the component parameters from q, in the plug-in's layout."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def predictive(self, q: dict) -> dist.TorchDistribution:
+        """The posterior predictive of each component, batch (K,), event (D,)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def q_attributes(self, q: dict) -> dict[str, torch.Tensor]:
+        """Fitted attributes of the components' q (names without the trailing ``_``)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def posterior(self):
+        """The :class:`~elbolab.guides.MeanFieldPosterior` fitted to this model, or None."""
+        return None if self._posterior_ref is None else self._posterior_ref()
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws ``(x, z)`` from the posterior predictive once fitted (z ~ E_q[pi],
+        x from component z's predictive; under the Dirichlet process z = K with the
+        sticks' remaining mass, a fresh component's prior predictive); from the prior
+        predictive before."""
+        self._require_built()
+        check_positive_int("n", n, "the number of samples to draw")
+        seed = check_seed(seed)
+        q = self.posterior
+        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            if q is None or not q.is_built:
+                trace = poutine.trace(self._program).get_trace(int(n), None)
+                return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
+            return q.sample_predictive(int(n))
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_components={self.n_components}, "
+            f"weight_concentration_prior_type={self.weight_concentration_prior_type!r}"
+        )
+
+
+class BayesianGaussianMixture(ConjugateMixture):
     """A Gaussian mixture with conjugate priors on its weights, means and precisions.
 
     Parameters (scikit-learn's names, meanings and defaults)
@@ -339,8 +533,7 @@ class BayesianGaussianMixture(PyroModule):
     CAVI with ``EM(model, MeanFieldPosterior(model)).fit(x)``; the posterior q is the guide's.
     """
 
-    latent_site = "z"
-    observed_site = "x"
+    plugin_class = GaussianMixture
 
     def __init__(
         self,
@@ -353,56 +546,30 @@ class BayesianGaussianMixture(PyroModule):
         degrees_of_freedom_prior: float | None = None,
         covariance_prior=None,
     ) -> None:
-        check_positive_int("n_components", n_components, "the number of mixture components")
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(
                 f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}"
             )
-        if weight_concentration_prior_type not in WEIGHT_PRIOR_TYPES:
-            raise ValueError(
-                f"weight_concentration_prior_type must be one of {WEIGHT_PRIOR_TYPES}, got "
-                f"{weight_concentration_prior_type!r}"
-            )
-        super().__init__()
-        self.n_components = int(n_components)
+        super().__init__(n_components, weight_concentration_prior_type, weight_concentration_prior)
         self.covariance_type = covariance_type
-        self.weight_concentration_prior_type = weight_concentration_prior_type
-        self.weight_concentration_prior = _positive(
-            "weight_concentration_prior", weight_concentration_prior, "1 / n_components"
-        )
         self.mean_precision_prior = _positive("mean_precision_prior", mean_precision_prior, "1.0")
         self.degrees_of_freedom_prior = _positive(
             "degrees_of_freedom_prior", degrees_of_freedom_prior, "n_features"
         )
         self.mean_prior = mean_prior
         self.covariance_prior = covariance_prior
-        self.n_features_in_: int | None = None
-        self._posterior_ref = None  # weakref to the MeanFieldPosterior fitted to it
+
+    def _template(self) -> MixtureModel:
+        return GaussianMixture(self.n_components, self.covariance_type)
+
+    def plugin(self) -> MixtureModel:
+        return GaussianMixture(self.n_components, self.covariance_type).build(
+            self.n_features_in_, self.dtype
+        )
 
     # ------------------------------------------------------------------ priors
-    @property
-    def is_built(self) -> bool:
-        return self.n_features_in_ is not None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        self._require_built()
-        return self.mean_prior_.dtype
-
-    def _require_built(self) -> None:
-        if not self.is_built:
-            raise NotFittedError(
-                f"this {type(self).__name__} has no priors yet: fit it with "
-                "elbolab.inference.EM(model, MeanFieldPosterior(model)).fit(x), or call "
-                "model.build_for(x)."
-            )
-
-    def build_for(self, x: torch.Tensor) -> BayesianGaussianMixture:
-        """Set the priors for data like ``x`` (N, D): every check before anything is set."""
-        N, D = x.shape
-        dtype = x.dtype
-        K = self.n_components
-        gamma = self.weight_concentration_prior or 1.0 / K
+    def _build_priors(self, x: torch.Tensor) -> None:
+        D, dtype = x.shape[1], x.dtype
         beta0 = self.mean_precision_prior or 1.0
         nu0 = float(D) if self.degrees_of_freedom_prior is None else self.degrees_of_freedom_prior
         if not nu0 > D - 1:
@@ -420,13 +587,10 @@ class BayesianGaussianMixture(PyroModule):
                     f"{tuple(as_tensor(self.mean_prior, dtype, 'mean_prior').shape)}"
                 )
         psi0 = self._covariance_prior(x, D, dtype)
-        self.n_features_in_ = D
-        self.weight_concentration_prior_ = float(gamma)
         self.mean_precision_prior_ = float(beta0)
         self.degrees_of_freedom_prior_ = float(nu0)
         self.register_buffer("mean_prior_", m0.clone())
         self.register_buffer("precision_scale_prior_", psi0)  # W_0^-1, always (D, D)
-        return self
 
     def _covariance_prior(self, x: torch.Tensor, D: int, dtype) -> torch.Tensor:
         """W_0^-1 as a (D, D) matrix, from ``covariance_prior`` or the data."""
@@ -438,8 +602,7 @@ class BayesianGaussianMixture(PyroModule):
                     "least 2 rows; pass more data or covariance_prior"
                 )
             if kind in ("full", "tied"):
-                cov = torch.atleast_2d(torch.cov(x.T))
-                return cov.to(dtype)
+                return torch.atleast_2d(torch.cov(x.T)).to(dtype)
             var = x.var(0)  # (unbiased, as numpy's ddof=1)
             return torch.diag(var if kind == "diag" else var.mean().expand(D)).to(dtype)
         value = as_tensor(given, dtype, "covariance_prior")
@@ -479,93 +642,140 @@ class BayesianGaussianMixture(PyroModule):
             return psi0.diagonal()
         return psi0[0, 0]
 
-    def unbuild(self) -> BayesianGaussianMixture:
-        for name in ("mean_prior_", "precision_scale_prior_"):
-            self._buffers.pop(name, None)
-        self.n_features_in_ = None
-        return self
+    # ------------------------------------------------------------------ the program
+    def _prior_sites(self):
+        dtype = self.dtype
+        w0 = torch.cholesky_inverse(torch.linalg.cholesky(self.precision_scale_prior_))  # W_0
+        precisions = pyro.sample(
+            "precisions",
+            dist.Wishart(
+                torch.tensor(self.degrees_of_freedom_prior_, dtype=dtype), covariance_matrix=w0
+            ),
+        )
+        means = pyro.sample(
+            "means",
+            dist.MultivariateNormal(
+                self.mean_prior_, precision_matrix=self.mean_precision_prior_ * precisions
+            ),
+        )
+        return {"means": means, "precisions": precisions}
 
-    # ------------------------------------------------------------------ data
-    def validate_data(self, x, *, name: str = "x", reset: bool = False) -> torch.Tensor:
-        """Real-valued (N, D) data, checked as for any mixture (``MixtureModel``)."""
-        return MixtureModel.validate_data(self, x, name=name, reset=reset)
+    def _observation(self, theta, k):
+        return dist.MultivariateNormal(theta["means"][k], precision_matrix=theta["precisions"][k])
 
-    def _check_support(self, x: torch.Tensor, fitted: bool) -> None:
-        """Every real value is in the Gaussian's support."""
+    def _student(self, beta, nu, m, psi) -> dist.TorchDistribution:
+        """St(m, (1 + beta) / ((nu + 1 - D) beta) Psi, nu + 1 - D): PRML (10.81)."""
+        df = nu + 1 - self.n_features_in_
+        scale = ((1 + beta) / (df * beta)).unsqueeze(-1).unsqueeze(-1) * psi
+        return dist.MultivariateStudentT(df, m, torch.linalg.cholesky(scale))
 
-    # ------------------------------------------------------------------ the Pyro program
-    def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None):
-        """p(pi) p(mu, Lambda) prod_d p(z_d | pi) p(x_d | z_d, mu, Lambda) for ``x`` (N, D)."""
-        return self._program(x.shape[0], x, sample_weight)
-
-    def _program(self, n: int, x: torch.Tensor | None, sample_weight=None):
-        self._require_built()
-        K, D, dtype = self.n_components, self.n_features_in_, self.dtype
-        gamma = torch.tensor(self.weight_concentration_prior_, dtype=dtype)
-        dp = self.weight_concentration_prior_type == "dirichlet_process"
-        if dp:
-            with pyro.plate("stick_plate", K):
-                v = pyro.sample("sticks", dist.Beta(torch.ones((), dtype=dtype), gamma))
-            left = torch.cumprod(1 - v, -1)
-            before = torch.cat([torch.ones_like(v[..., :1]), left[..., :-1]], -1)
-            pi = torch.cat([v * before, left[..., -1:]], -1)  # (K + 1,): the rest last
-        else:
-            pi = pyro.sample("weights", dist.Dirichlet(gamma.expand(K)))
-        psi0, m0 = self.precision_scale_prior_, self.mean_prior_
-        w0 = torch.cholesky_inverse(torch.linalg.cholesky(psi0))  # W_0
-        beta0, nu0 = self.mean_precision_prior_, self.degrees_of_freedom_prior_
-        with pyro.plate("components", K):
-            precisions = pyro.sample(
-                "precisions",
-                dist.Wishart(torch.tensor(nu0, dtype=dtype), covariance_matrix=w0),
-            )
-            means = pyro.sample(
-                "means", dist.MultivariateNormal(m0, precision_matrix=beta0 * precisions)
-            )
-        with pyro.plate("data", n):
-            with poutine.scale(scale=1.0 if sample_weight is None else sample_weight):
-                z = pyro.sample(self.latent_site, dist.Categorical(probs=pi))
-                k = z.clamp(max=K - 1)
-                component = dist.MultivariateNormal(means[k], precision_matrix=precisions[k])
-                if dp:  # category K: a fresh component's prior predictive (PRML (10.81))
-                    df = nu0 + 1 - D
-                    scale = (1 + beta0) / (df * beta0) * psi0
-                    fresh = dist.MultivariateStudentT(
-                        torch.tensor(df, dtype=dtype), m0, torch.linalg.cholesky(scale)
-                    ).expand(component.batch_shape)
-                    component = dist.MaskedMixture(z == K, component, fresh)
-                return pyro.sample(self.observed_site, component, obs=x)
-
-    @property
-    def posterior(self):
-        """The :class:`~elbolab.guides.MeanFieldPosterior` fitted to this model, or None."""
-        return None if self._posterior_ref is None else self._posterior_ref()
-
-    @torch.no_grad()
-    def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` draws ``(x, z)`` from the posterior predictive once fitted (PRML (10.81):
-        z ~ E_q[pi], x ~ St(m_k, (1 + beta_k) / ((nu_k + 1 - D) beta_k) W_k^-1, nu_k + 1 - D),
-        and, under the Dirichlet process, z = K with the sticks' remaining mass, a fresh
-        component's prior predictive); from the prior predictive before."""
-        self._require_built()
-        check_positive_int("n", n, "the number of samples to draw")
-        seed = check_seed(seed)
-        q = self.posterior
-        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
-            if seed is not None:
-                torch.manual_seed(seed)
-            if q is None or not q.is_built:
-                trace = poutine.trace(self._program).get_trace(int(n), None)
-                return trace.nodes["x"]["value"], trace.nodes["z"]["value"]
-            return q.sample_predictive(int(n))
-
-    def extra_repr(self) -> str:
-        return (
-            f"n_components={self.n_components}, covariance_type={self.covariance_type!r}, "
-            f"weight_concentration_prior_type={self.weight_concentration_prior_type!r}"
+    def _fresh_predictive(self):
+        dtype = self.dtype
+        return self._student(
+            torch.tensor(self.mean_precision_prior_, dtype=dtype),
+            torch.tensor(self.degrees_of_freedom_prior_, dtype=dtype),
+            self.mean_prior_,
+            self.precision_scale_prior_,
         )
 
+    # ------------------------------------------------------------------ closed forms of q
+    def q_init(self):
+        K, D, dtype = self.n_components, self.n_features_in_, self.dtype
+        return {
+            "mean_precision": torch.ones(K, dtype=dtype),
+            "means": torch.zeros(K, D, dtype=dtype),
+            "degrees_of_freedom": torch.full((K,), float(D), dtype=dtype),
+            "precision_scale": torch.eye(D, dtype=dtype).repeat(K, 1, 1),
+        }
 
-def link_posterior(model: BayesianGaussianMixture, guide) -> None:
+    def plugin_values(self, q):
+        """Means m_k, covariances W_k^-1 / nu_k; offsets 1/2 sum_i psi((nu_k + 1 - i) / 2)
+        + D/2 ln(2 / nu_k) - D / (2 beta_k), which is (VB-Z)
+        ln rho_dk - E ln pi_k - ln N(x_d | m_k, W_k^-1 / nu_k)."""
+        D, kind = self.n_features_in_, self.covariance_type
+        nu, beta = q["degrees_of_freedom"], q["mean_precision"]
+        values = {"means": (q["means"], True)}
+        if kind in ("full", "tied"):
+            chol = torch.linalg.cholesky(q["precision_scale"])  # of Psi_k = W_k^-1
+            log_diag = chol.diagonal(dim1=-2, dim2=-1).log() - 0.5 * nu.log().unsqueeze(-1)
+            tril = chol.tril(-1) / nu.sqrt()[:, None, None] + log_diag.diag_embed()
+            values["scale_tril"] = (tril if kind == "full" else tril[0], True)
+        else:
+            var = q["precision_scale"].diagonal(dim1=-2, dim2=-1) / nu.unsqueeze(-1)
+            var = var if kind == "diag" else var[:, 0]
+            values["scales"] = (0.5 * var.log(), True)
+        i = torch.arange(D, dtype=nu.dtype)
+        half_digamma = 0.5 * torch.digamma(0.5 * (nu.unsqueeze(-1) - i)).sum(-1)
+        offset = half_digamma + 0.5 * D * (math.log(2) - nu.log()) - 0.5 * D / beta
+        return values, offset
+
+    def kl_components(self, q):
+        return kl_normal_wishart(
+            q["mean_precision"],
+            q["means"],
+            q["precision_scale"],
+            q["degrees_of_freedom"],
+            self.mean_precision_prior_,
+            self.mean_prior_,
+            self.precision_scale_prior_,
+            self.degrees_of_freedom_prior_,
+        )
+
+    def guide_sites(self, q):
+        scale = torch.cholesky_inverse(torch.linalg.cholesky(q["precision_scale"]))  # W_k
+        precisions = pyro.sample(
+            "precisions", dist.Wishart(q["degrees_of_freedom"], covariance_matrix=scale)
+        )
+        pyro.sample(
+            "means",
+            dist.MultivariateNormal(
+                q["means"], precision_matrix=q["mean_precision"][:, None, None] * precisions
+            ),
+        )
+
+    def draw_components(self, q, n):
+        scale = torch.cholesky_inverse(torch.linalg.cholesky(q["precision_scale"]))  # W_k
+        precisions = wishart_sample(q["degrees_of_freedom"], (n,), covariance_matrix=scale)
+        means = dist.MultivariateNormal(
+            q["means"], precision_matrix=q["mean_precision"][:, None, None] * precisions
+        ).sample()
+        covariances = torch.cholesky_inverse(torch.linalg.cholesky(precisions))
+        return {"means": means, "covariances": covariances}
+
+    def predictive(self, q):
+        return self._student(
+            q["mean_precision"], q["degrees_of_freedom"], q["means"], q["precision_scale"]
+        )
+
+    def q_attributes(self, q):
+        """scikit-learn's: ``mean_precision``, ``means``, ``degrees_of_freedom`` (one value
+        when tied), ``covariances`` W_k^-1 / nu_k and ``precisions`` in its layouts."""
+        kind = self.covariance_type
+        cov = q["precision_scale"] / q["degrees_of_freedom"][:, None, None]
+        if kind == "full":
+            covariances = cov
+        elif kind == "tied":
+            covariances = cov[0]
+        else:
+            diag = cov.diagonal(dim1=-2, dim2=-1)
+            covariances = diag if kind == "diag" else diag[:, 0]
+        if kind in ("full", "tied"):
+            precisions = torch.cholesky_inverse(torch.linalg.cholesky(covariances))
+        else:
+            precisions = covariances.reciprocal()
+        nu = q["degrees_of_freedom"]
+        return {
+            "mean_precision": q["mean_precision"],
+            "means": q["means"],
+            "degrees_of_freedom": nu[0] if kind == "tied" else nu,
+            "covariances": covariances,
+            "precisions": precisions,
+        }
+
+    def extra_repr(self) -> str:
+        return f"covariance_type={self.covariance_type!r}, " + super().extra_repr()
+
+
+def link_posterior(model: ConjugateMixture, guide) -> None:
     """Let ``model.sample`` and ``model.posterior`` find the guide (a weak reference)."""
     model._posterior_ref = weakref.ref(guide)

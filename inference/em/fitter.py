@@ -25,7 +25,7 @@ from torch.distributions import constraints
 
 from ...guides import ExactGaussianPosterior, ExactPosterior, MeanFieldPosterior
 from ...models.base import MixtureModel, as_data_tensor, as_tensor, check_seed
-from ...models.conjugate import BayesianGaussianMixture
+from ...models.conjugate import ConjugateMixture
 from ...models.enumeration import holds
 from ...models.hmm import HiddenMarkovModel, check_lengths
 from ...models.linear_gaussian import LinearGaussian
@@ -174,7 +174,7 @@ def family_for(model, m_step: str = "auto") -> Family:
 
         return hmm_family(model, m_step)
     family = lookup_family(type(model))
-    if isinstance(model, BayesianGaussianMixture):
+    if isinstance(model, ConjugateMixture):
         if m_step == "gradient":
             raise ValueError(
                 "variational Bayes' M-step is the closed-form update of q(theta) (VB-THETA); "
@@ -270,7 +270,7 @@ class Fitter:
             if init == "kmeans++":  # the mixtures' default
                 init = "random"
             methods = LINEAR_GAUSSIAN_INIT
-        elif isinstance(model, BayesianGaussianMixture):
+        elif isinstance(model, ConjugateMixture):
             if not isinstance(guide, MeanFieldPosterior) or guide.model is not model:
                 raise ValueError(
                     "guide must be MeanFieldPosterior(model) for this same model: variational "

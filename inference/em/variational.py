@@ -1,4 +1,4 @@
-"""Variational Bayes for the conjugate Gaussian mixture, as a family of the one EM loop (VB-EM).
+"""Variational Bayes for conjugate mixtures, as a family of the one EM loop (VB-EM).
 
 With the mean-field guide (:class:`~elbolab.guides.MeanFieldPosterior`) the loop's two
 steps are coordinate ascent on the bound (CAVI, PRML section 10.2):
@@ -28,19 +28,38 @@ makes each M-step a natural-gradient step on q(theta) of size gamma_t (Hoffman, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 
 from ...guides.mean_field import MeanFieldPosterior
-from ...models.conjugate import BayesianGaussianMixture
+from ...models.conjugate import BayesianGaussianMixture, ConjugateMixture
+from ...models.conjugate_discrete import (
+    BayesianBernoulliMixture,
+    BayesianCategoricalMixture,
+    BayesianPoissonMixture,
+)
 from ...models.gaussian import singular_covariance_error
 from .family import Chunk, EChunk, Stats, set_family
 from .init import initial_responsibilities
-from .mixture import GaussianStatistics, MixtureFamily
+from .mixture import MixtureFamily, lookup_statistics
+
+#: VB-THETA of a conjugate family: (model, sums, reg_covar) -> the guide's buffers
+VBTheta = Callable[[ConjugateMixture, Stats, float], dict]
 
 
-def vb_theta(model: BayesianGaussianMixture, stats: Stats, reg_covar: float) -> dict:
+def weights_vb_theta(model: ConjugateMixture, n: torch.Tensor) -> torch.Tensor:
+    """q(pi) from N_k: alpha_k = alpha_0 + N_k, or the sticks a_k = 1 + N_k,
+    b_k = gamma + sum_{j>k} N_j (PRML (10.58); Blei & Jordan 2006)."""
+    gamma = model.weight_concentration_prior_
+    if model.weight_concentration_prior_type == "dirichlet_process":
+        after = n.flip(0).cumsum(0).flip(0) - n  # sum_{j > k} N_j
+        return torch.stack([1 + n, gamma + after])
+    return gamma + n
+
+
+def gaussian_vb_theta(model: BayesianGaussianMixture, stats: Stats, reg_covar: float) -> dict:
     """q(theta) from the sums over the data (VB-THETA, PRML (10.58)-(10.63)), as the guide's
     buffers (``guides.mean_field.Q_NAMES``).
 
@@ -68,12 +87,7 @@ def vb_theta(model: BayesianGaussianMixture, stats: Stats, reg_covar: float) -> 
     scatter = s2 - s1.unsqueeze(-1) * delta.unsqueeze(-2) if full else s2 - s1 * delta
     m0, psi0 = model.mean_prior_, model.precision_scale_prior_
     beta0, nu0 = model.mean_precision_prior_, model.degrees_of_freedom_prior_
-    gamma = model.weight_concentration_prior_
-    if model.weight_concentration_prior_type == "dirichlet_process":
-        after = n.flip(0).cumsum(0).flip(0) - n  # sum_{j > k} N_j
-        concentration = torch.stack([1 + n, gamma + after])
-    else:
-        concentration = gamma + n
+    concentration = weights_vb_theta(model, n)
     beta = beta0 + n
     means = (beta0 * m0 + n.unsqueeze(-1) * xbar) / beta.unsqueeze(-1)
     d = xbar - m0
@@ -108,13 +122,45 @@ def vb_theta(model: BayesianGaussianMixture, stats: Stats, reg_covar: float) -> 
     }
 
 
+def bernoulli_vb_theta(model: BayesianBernoulliMixture, stats: Stats, reg_covar: float) -> dict:
+    """Beta(a0 + S_kj, b0 + N_k - S_kj), S_kj = sum_d r_dk x_dj."""
+    n = stats["nk"] + 10 * torch.finfo(stats["nk"].dtype).eps
+    a0, b0 = model.beta_prior_
+    return {
+        "weight_concentration": weights_vb_theta(model, n),
+        "concentration1": a0 + stats["s1"],
+        "concentration0": b0 + (n.unsqueeze(-1) - stats["s1"]).clamp_min(0),
+    }
+
+
+def poisson_vb_theta(model: BayesianPoissonMixture, stats: Stats, reg_covar: float) -> dict:
+    """Gamma(a0 + S_kj, b0_j + N_k), S_kj = sum_d r_dk x_dj."""
+    n = stats["nk"] + 10 * torch.finfo(stats["nk"].dtype).eps
+    return {
+        "weight_concentration": weights_vb_theta(model, n),
+        "rate_shape": model.rate_shape_prior_ + stats["s1"],
+        "rate_rate": model.rate_rate_prior_ + n.unsqueeze(-1),
+    }
+
+
+def categorical_vb_theta(model: BayesianCategoricalMixture, stats: Stats, reg_covar: float) -> dict:
+    """Dir(c0 + sum_d r_dk [x_dj = c])."""
+    n = stats["nk"] + 10 * torch.finfo(stats["nk"].dtype).eps
+    return {
+        "weight_concentration": weights_vb_theta(model, n),
+        "probs_concentration": model.probs_concentration_prior_ + stats["counts"],
+    }
+
+
 class VariationalMixtureFamily(MixtureFamily):
-    """VB-Z and VB-THETA for :class:`~elbolab.models.BayesianGaussianMixture` in the EM loop."""
+    """VB-Z and VB-THETA for a conjugate mixture in the EM loop, from the sums of its
+    point-parameter family (the plug-in's :class:`~.mixture.SufficientStatistics`)."""
 
     kind = "cavi"
 
-    def __init__(self) -> None:
-        super().__init__(GaussianStatistics())
+    def __init__(self, plugin_class: type, vb_theta: VBTheta) -> None:
+        super().__init__(lookup_statistics(plugin_class))
+        self.vb_theta = vb_theta
 
     @staticmethod
     def _plugin(em) -> SimpleNamespace:
@@ -131,10 +177,11 @@ class VariationalMixtureFamily(MixtureFamily):
         guide.build()
         wresp = resp if w is None else resp * w.unsqueeze(-1)
         plugin = guide.plugin
-        centre = (wresp.sum(1, keepdim=True) * x).sum(0) / wresp.sum()
-        with torch.no_grad():
-            plugin.means_unconstrained.copy_(centre.expand_as(plugin.means_unconstrained))
-        for _ in range(2):  # about the data's centre, then about the means found
+        if self.fixed:  # sums about a shift: the data's centre, then the means found
+            centre = (wresp.sum(1, keepdim=True) * x).sum(0) / wresp.sum()
+            with torch.no_grad():
+                plugin.means_unconstrained.copy_(centre.expand_as(plugin.means_unconstrained))
+        for _ in range(2 if self.fixed else 1):
             self.m_step(em, self.component.collect(plugin, x, wresp), x.shape[0])
 
     @staticmethod
@@ -196,7 +243,7 @@ class VariationalMixtureFamily(MixtureFamily):
         weight = float(stats["nk"].sum())
         if weight > 0 and weight != rows:
             stats = self.scaled(stats, rows / weight)
-        em.guide.set_q(**vb_theta(em.model, stats, em.reg_covar))
+        em.guide.set_q(**self.vb_theta(em.model, stats, em.reg_covar))
 
     def maximize(self, em, stats: Stats, rows: float) -> float:
         """VB-THETA, then E_q[ln p(x, z | theta)] - KL at the new q(theta), from the sums."""
@@ -209,8 +256,25 @@ class VariationalMixtureFamily(MixtureFamily):
         return float(joint) - float(guide.kl()) * float(nk.sum()) / rows
 
 
-#: the family of the conjugate Gaussian mixture
-VARIATIONAL_GAUSSIAN = VariationalMixtureFamily()
-set_family(BayesianGaussianMixture, VARIATIONAL_GAUSSIAN)
+def register_conjugate(model_class: type, plugin_class: type) -> Callable[[VBTheta], VBTheta]:
+    """Decorator registering VB-THETA ``fn(model, stats, reg_covar)`` of a conjugate
+    mixture whose VB-Z is the E-step of ``plugin_class`` (whose statistics it reads)."""
 
-__all__ = ["MeanFieldPosterior", "VariationalMixtureFamily", "vb_theta"]
+    def decorator(fn: VBTheta) -> VBTheta:
+        set_family(model_class, VariationalMixtureFamily(plugin_class, fn))
+        return fn
+
+    return decorator
+
+
+from ...models import BernoulliMixture, CategoricalMixture, GaussianMixture, PoissonMixture  # noqa: E402
+
+register_conjugate(BayesianGaussianMixture, GaussianMixture)(gaussian_vb_theta)
+register_conjugate(BayesianBernoulliMixture, BernoulliMixture)(bernoulli_vb_theta)
+register_conjugate(BayesianPoissonMixture, PoissonMixture)(poisson_vb_theta)
+register_conjugate(BayesianCategoricalMixture, CategoricalMixture)(categorical_vb_theta)
+
+#: scikit-learn's name for the Gaussian update
+vb_theta = gaussian_vb_theta
+
+__all__ = ["MeanFieldPosterior", "VariationalMixtureFamily", "register_conjugate", "vb_theta"]
