@@ -169,3 +169,32 @@ def test_bad_conjugate_options_raise_before_fitting(kwargs, message):
 def test_the_conjugate_prior_needs_full_covariances():
     with pytest.raises(ValueError, match="full precisions"):
         compare(GaussianMixture(2, "diag"), faithful(), ["map"], prior={"type": "conjugate"})
+
+
+def test_vb_in_compare_for_a_family_whose_weak_prior_is_conjugate():
+    """A Bernoulli mixture's weak prior (Dirichlet weights, Beta(1, 1) probabilities) is
+    conjugate: "vb" fits under it, the prior "map", "mean-field" and "nuts" use, and equals
+    EM(BayesianBernoulliMixture(K, "dirichlet_distribution", 1.0), ...) from the EM start
+    (1e-12)."""
+    from elbolab.models import BayesianBernoulliMixture, BernoulliMixture
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randint(0, 2, (200,), generator=g)
+    x = torch.bernoulli(
+        torch.where(z[:, None] == 0, 0.15, 0.85).double().expand(200, 5), generator=g
+    )
+    prior = {"beta": (2.0, 2.0)}
+    table = compare(BernoulliMixture(2), x, ["vb"], seed=0, prior=prior, num_samples=200)
+    fit = table.fits["vb"]
+    start = BernoulliMixture(2)
+    initialize(start, x, init="kmeans++", seed=0, reg_covar=1e-6)
+    vb = BayesianBernoulliMixture(2, "dirichlet_distribution", 1.0, beta_prior=(2.0, 2.0))
+    result = EM(
+        vb,
+        MeanFieldPosterior(vb),
+        tol=1e-8,
+        max_iter=1000,
+        init={"responsibilities": start.predict_proba(x)},
+    ).fit(x)
+    assert fit.bound == pytest.approx(result.lower_bound, abs=1e-12)
+    assert set(fit.idata.posterior.data_vars) == {"weights", "probs"}

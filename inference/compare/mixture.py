@@ -661,20 +661,71 @@ def _conjugate(prior) -> dict:
     return {k: v for k, v in (prior or {}).items() if k != "type"}
 
 
-def _validate_vb(model, x, *, init, reg_covar, prior, tol, max_iter, num_samples) -> None:
-    """``vb`` takes the conjugate prior only (``prior=None`` or ``{"type": "conjugate", ...}``)."""
-    if prior is not None and (not isinstance(prior, dict) or prior.get("type") != "conjugate"):
-        raise ValueError(
-            f"scheme 'vb' fits under the conjugate prior, got prior={prior!r}; pass "
-            "prior={'type': 'conjugate', ...} (scikit-learn's BayesianGaussianMixture names) "
-            "to compare map, mean-field and nuts with it on one posterior, or leave 'vb' out"
+def _conjugate_pair(model, prior) -> tuple:
+    """The conjugate mixture CAVI fits for ``model`` under ``prior``, and the prior dict
+    of the program (``BayesianMixture``) the other Bayesian schemes use for the same prior.
+
+    The Gaussian takes the conjugate prior (``{"type": "conjugate", ...}``, scikit-learn's
+    names); Bernoulli, Poisson and categorical mixtures take their weak prior, which is
+    conjugate already (Dirichlet weights; Beta, Gamma, Dirichlet components).
+    """
+    from ...models import BernoulliMixture, PoissonMixture
+    from ...models.conjugate import BayesianGaussianMixture
+    from ...models.conjugate_discrete import (
+        BayesianBernoulliMixture,
+        BayesianCategoricalMixture,
+        BayesianPoissonMixture,
+    )
+
+    K, hyper = model.n_components, _conjugate(prior)
+    dirichlet = "dirichlet_distribution"
+    if isinstance(model, GaussianMixture):
+        vb = BayesianGaussianMixture(K, "full", dirichlet, **hyper)
+        return vb, {"type": "conjugate", **hyper}
+    weights = hyper.get("weight_concentration", 1.0)
+    if isinstance(model, BernoulliMixture):
+        vb = BayesianBernoulliMixture(
+            K, dirichlet, weights, beta_prior=tuple(hyper.get("beta", (1.0, 1.0)))
         )
+    elif isinstance(model, PoissonMixture):
+        vb = BayesianPoissonMixture(K, dirichlet, weights, hyper.get("rate_shape", 1.0))
+    else:
+        vb = BayesianCategoricalMixture(
+            K,
+            model.n_categories,
+            dirichlet,
+            weights,
+            probs_concentration_prior=hyper.get("probs_concentration", 1.0),
+        )
+    return vb, hyper
+
+
+def _has_conjugate(model) -> bool:
+    from ...models import BernoulliMixture, CategoricalMixture, PoissonMixture
+
+    if isinstance(model, GaussianMixture):
+        return model.covariance_type == "full"
+    return type(model) in (BernoulliMixture, PoissonMixture, CategoricalMixture)
+
+
+def _validate_vb(model, x, *, init, reg_covar, prior, tol, max_iter, num_samples) -> None:
+    """``vb``'s prior is the one CAVI has closed forms for: the Gaussian's conjugate prior
+    (``prior=None`` or ``{"type": "conjugate", ...}``), the other families' weak prior."""
+    gaussian = isinstance(model, GaussianMixture)
+    if gaussian and prior is not None:
+        if not isinstance(prior, dict) or prior.get("type") != "conjugate":
+            raise ValueError(
+                f"scheme 'vb' fits under the conjugate prior, got prior={prior!r}; pass "
+                "prior={'type': 'conjugate', ...} (scikit-learn's BayesianGaussianMixture "
+                "names) to compare map, mean-field and nuts with it on one posterior, or "
+                "leave 'vb' out"
+            )
     _validate_bayesian(
         model,
         x,
         init=init,
         reg_covar=reg_covar,
-        prior={"type": "conjugate", **_conjugate(prior)},
+        prior={"type": "conjugate", **_conjugate(prior)} if gaussian else prior,
         num_threads=1,
     )
     check_number_option("tol", tol, low=0, example=1e-8)
@@ -682,17 +733,13 @@ def _validate_vb(model, x, *, init, reg_covar, prior, tol, max_iter, num_samples
     check_positive_int_option("num_samples", num_samples, example=1000)
 
 
-def _full_covariance(model) -> bool:
-    return model.covariance_type == "full"
-
-
 @register_scheme(
     "vb",
-    GaussianMixture,
-    applies=_full_covariance,
+    MixtureModel,
+    applies=_has_conjugate,
     validate=_validate_vb,
     default=False,
-    description="variational Bayes (CAVI: VB-Z, VB-THETA) under the conjugate prior",
+    description="variational Bayes (CAVI: VB-Z, VB-THETA) under a conjugate prior",
 )
 def variational_bayes(
     model,
@@ -706,18 +753,19 @@ def variational_bayes(
     max_iter=1000,
     num_samples=1000,
 ) -> SchemeFit:
-    """CAVI under the conjugate prior (scikit-learn's ``BayesianGaussianMixture`` priors,
-    Dirichlet weights), from the EM start's responsibilities; bound = VB-ELBO / N (exact).
+    """CAVI from the EM start's responsibilities; bound = VB-ELBO / N (exact).
 
-    theta_hat is the mean of ``num_samples`` draws from q(theta), relabelled and exported
-    to ArviZ as the other posterior schemes' draws are.
+    The prior: for a full-covariance Gaussian mixture the conjugate one (scikit-learn's
+    ``BayesianGaussianMixture`` priors with Dirichlet weights), for Bernoulli, Poisson and
+    categorical mixtures their weak prior (conjugate already) -- the prior ``map``,
+    ``mean-field`` and ``nuts`` use given the same ``prior`` option. theta_hat is the mean
+    of ``num_samples`` draws from q(theta), relabelled and exported to ArviZ as the other
+    posterior schemes' draws are.
     """
     from ...guides.mean_field import MeanFieldPosterior
-    from ...models.conjugate import BayesianGaussianMixture
 
     initialize(model, x, init=init, seed=seed, reg_covar=reg_covar)
-    hyper = _conjugate(prior)
-    vb = BayesianGaussianMixture(model.n_components, "full", "dirichlet_distribution", **hyper)
+    vb, program_prior = _conjugate_pair(model, prior)
     guide = MeanFieldPosterior(vb)
     fitter = EM(
         vb,
@@ -729,7 +777,7 @@ def variational_bayes(
         progress=False,
     )
     result = fitter.fit(x)
-    program = BayesianMixture(model, x, {"type": "conjugate", **hyper})
+    program = BayesianMixture(model, x, program_prior)
     drawn = guide.draw(num_samples)
     as_model = type("Draws", (), {f"{k}_": v for k, v in drawn.items()})
     values = program.prior.site_values(as_model)
