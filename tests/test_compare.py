@@ -412,8 +412,12 @@ def test_bad_data_raises_before_fitting(spy):
 
 
 def test_schemes_are_found_along_the_class_hierarchy(spy):
-    """Registered for MixtureModel: every family gets it; ``applies`` narrows the rest."""
-    assert schemes_for(BernoulliMixture(2)) == ALL + ["spy"]
+    """Registered for MixtureModel: every family gets it; ``applies`` narrows the rest;
+    a scheme registered with ``default=False`` ("vb") runs only when named."""
+    from elbolab.inference.compare.schemes import default_schemes_for
+
+    assert schemes_for(BernoulliMixture(2)) == ALL + ["vb", "spy"]
+    assert default_schemes_for(BernoulliMixture(2)) == ALL + ["spy"]
     assert schemes_for(Plain(2)) == ["em-gradient", "direct", "spy"]
     assert schemes_for(VAE(2, 1, hidden=(3,))) == []
 
