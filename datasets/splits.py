@@ -102,6 +102,22 @@ def load_digits_split(
     return train_val_test_split(load_digits(binarize=binarize), fractions=fractions, seed=seed)
 
 
+def load_mnist_5k_split(
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    binarize: bool = False,
+    scaled: bool = False,
+) -> tuple[Dataset, Dataset, Dataset]:
+    """The bundled 5,000 MNIST digits split into train, validation and test (4000, 500 and
+    500 rows with the default fractions); ``binarize`` and ``scaled`` as in
+    :func:`~elbolab.datasets.load_mnist_5k`."""
+    from . import load_mnist_5k
+
+    return train_val_test_split(
+        load_mnist_5k(binarize=binarize, scaled=scaled), fractions=fractions, seed=seed
+    )
+
+
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     try:
         fracs = tuple(float(f) for f in fractions)

