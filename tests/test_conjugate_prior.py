@@ -144,6 +144,18 @@ def test_the_bayesian_schemes_take_the_conjugate_prior():
     for name in ("map", "mean-field", "nuts"):
         assert math.isfinite(table.fits[name].loglik)
     assert "covariance_tril" in table.fits["map"].result.values
+    # NUTS adapts a dense mass matrix under the conjugate prior (its non-centred sites are
+    # correlated a posteriori), a diagonal one under the weak prior
+    assert table.fits["nuts"].result.full_mass
+    weak = compare(
+        GaussianMixture(2, "full"),
+        x,
+        ["nuts"],
+        seed=0,
+        options={"nuts": {"num_samples": 8, "warmup_steps": 8}},
+        on_error="raise",
+    )
+    assert not weak.fits["nuts"].result.full_mass
 
 
 @pytest.mark.parametrize(

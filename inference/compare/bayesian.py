@@ -80,6 +80,7 @@ class NUTSFit:
     diverging: torch.Tensor  # (C, S) bool, after warmup
     n_iter: int  # warmup + samples, summed over chains
     step_size: list[float] = field(default_factory=list)  # adapted step size of each chain
+    full_mass: bool = False  # whether the mass matrix was dense
 
 
 @contextmanager
@@ -419,6 +420,7 @@ def sample_nuts(
     seed: int = 0,
     progress: bool = False,
     parallel: bool | None = None,
+    full_mass: bool = False,
 ) -> NUTSFit:
     """NUTS on theta with z summed out; one chain per start (site values).
 
@@ -431,7 +433,8 @@ def sample_nuts(
     ``"enumerated"`` (Pyro's own, from the program, z enumerated at every step).
     ``parallel``: the chains run in processes side by side (:func:`.chains.run_chains`;
     ``None``: where two cores are free), with the same draws as one after another. The
-    progress bar, if any, is that of chain 0.
+    progress bar, if any, is that of chain 0. ``full_mass``: adapt a dense mass matrix
+    (Pyro's ``NUTS(full_mass=True)``) instead of a diagonal one.
     """
     if potential not in ("recorded", "vectorized", "enumerated"):
         raise ValueError(
@@ -452,6 +455,7 @@ def sample_nuts(
                     potential_fn=potential_fn,
                     target_accept_prob=target_accept_prob,
                     max_tree_depth=max_tree_depth,
+                    full_mass=full_mass,
                 )
                 mcmc = MCMC(
                     kernel,
@@ -468,6 +472,7 @@ def sample_nuts(
                     max_plate_nesting=1,
                     target_accept_prob=target_accept_prob,
                     max_tree_depth=max_tree_depth,
+                    full_mass=full_mass,
                     init_strategy=init_to_value(values=start),
                 )
                 mcmc = MCMC(
@@ -487,5 +492,9 @@ def sample_nuts(
     draws = {k: torch.stack([chain[0][k] for chain in chains]) for k in program.sites}
     n_iter = len(starts) * (num_samples + warmup_steps)
     return NUTSFit(
-        draws, torch.stack([chain[1] for chain in chains]), n_iter, [c[2] for c in chains]
+        draws,
+        torch.stack([chain[1] for chain in chains]),
+        n_iter,
+        [c[2] for c in chains],
+        full_mass,
     )
