@@ -45,6 +45,7 @@ from ..models.conjugate import (
     expected_log_weights,
     kl_weights,
     link_posterior,
+    stick_breaking,
     stick_weights,
 )
 from .exact import ExactPosterior
@@ -154,9 +155,10 @@ class MeanFieldPosterior(PyroModule):
         """The plug-in's weights w~ / sum w~ and component parameters from q(theta)."""
         from ..inference.em.mixture import write_param  # (inference imports the guides)
 
-        values, _ = self.model.plugin_values(self.q)
+        values, offset = self.model.plugin_values(self.q)
         plugin = self.plugin
-        write_param(plugin, "weights", self.log_weights_tilde().log_softmax(0), unconstrained=True)
+        log_weights_tilde = self.expected_log_weights() + offset
+        write_param(plugin, "weights", log_weights_tilde.log_softmax(0), unconstrained=True)
         for name, (value, unconstrained) in values.items():
             write_param(plugin, name, value, unconstrained=unconstrained)
 
@@ -252,9 +254,7 @@ class MeanFieldPosterior(PyroModule):
         if c.dim() == 1:
             weights = dist.Dirichlet(c).sample((n,))
         else:
-            v = dist.Beta(c[0], c[1]).sample((n,))
-            left = torch.cumprod(1 - v, -1)
-            weights = v * torch.cat([torch.ones_like(v[:, :1]), left[:, :-1]], -1)
+            weights = stick_breaking(dist.Beta(c[0], c[1]).sample((n,)))[:, :-1]
             weights = weights / weights.sum(-1, keepdim=True)
         return {"weights": weights, **self.model.draw_components(self.q, n)}
 

@@ -159,13 +159,19 @@ def kl_normal_wishart(
     return kl_w + kl_n
 
 
+def stick_breaking(v: torch.Tensor) -> torch.Tensor:
+    """pi_k = v_k prod_{j<k} (1 - v_j) for the K sticks ``v`` (..., K), and the mass left,
+    prod_k (1 - v_k), last: shape (..., K + 1)."""
+    left = torch.cumprod(1 - v, -1)
+    before = torch.cat([torch.ones_like(v[..., :1]), left[..., :-1]], -1)
+    return torch.cat([v * before, left[..., -1:]], -1)
+
+
 def stick_weights(concentration: torch.Tensor) -> torch.Tensor:
-    """E[pi_k] = E[v_k] prod_{j<k} E[1 - v_j] for k < K, and the mass left, shape (K + 1,)."""
+    """E[pi_k] = E[v_k] prod_{j<k} E[1 - v_j] for k < K, and the mass left, shape (K + 1,)
+    (the sticks are independent under q, so the expectation of the product is the product)."""
     a, b = concentration
-    mean_v = a / (a + b)
-    rest = torch.cumprod(1 - mean_v, 0)
-    before = torch.cat([torch.ones(1, dtype=a.dtype), rest[:-1]])
-    return torch.cat([mean_v * before, rest[-1:]])
+    return stick_breaking(a / (a + b))
 
 
 class _CholeskyFactor(type(dist.constraints.lower_cholesky)):
@@ -413,9 +419,7 @@ class ConjugateMixture(PyroModule):
         if dp:
             with pyro.plate("stick_plate", K):
                 v = pyro.sample("sticks", dist.Beta(torch.ones((), dtype=dtype), gamma))
-            left = torch.cumprod(1 - v, -1)
-            before = torch.cat([torch.ones_like(v[..., :1]), left[..., :-1]], -1)
-            pi = torch.cat([v * before, left[..., -1:]], -1)  # (K + 1,): the rest last
+            pi = stick_breaking(v)  # (K + 1,): the rest last
         else:
             pi = pyro.sample("weights", dist.Dirichlet(gamma.expand(K)))
         with pyro.plate("components", K):

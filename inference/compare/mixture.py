@@ -36,6 +36,7 @@ import copy
 import inspect
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -430,6 +431,17 @@ def _posterior_fit(model, x, program, relabelled, idata, estimate, flags, result
     )
 
 
+def _q_fit(model, x, program, draws, result, flags=(), **kw) -> SchemeFit:
+    """A fit from draws of q(theta) (site values (S, ...), one "chain"): relabelled,
+    exported to ArviZ, theta_hat their mean ("posterior mean (q)")."""
+    relabelled, report = relabel({k: v.unsqueeze(0) for k, v in draws.items()}, program.prior)
+    idata = to_inference_data(program, relabelled, x)
+    flags = report.flags() + list(flags)
+    return _posterior_fit(
+        model, x, program, relabelled, idata, "posterior mean (q)", flags, result, **kw
+    )
+
+
 # ---------------------------------------------------------------------------- maximum likelihood
 def _undefined_is_clear(what: str, fit):
     """``fit()``, with a distribution's refusal of its parameters said plainly.
@@ -586,21 +598,8 @@ def mean_field(
             num_samples=num_samples,
             elbo=elbo,
         )
-    draws = {k: v.unsqueeze(0) for k, v in fit.draws.items()}  # one "chain" of draws from q
-    relabelled, report = relabel(draws, program.prior)
-    idata = to_inference_data(program, relabelled, x)
-    return _posterior_fit(
-        model,
-        x,
-        program,
-        relabelled,
-        idata,
-        "posterior mean (q)",
-        report.flags(),
-        fit,
-        bound=fit.elbo,
-        bound_se=fit.elbo_se,
-        n_iter=svi_steps,
+    return _q_fit(
+        model, x, program, fit.draws, fit, bound=fit.elbo, bound_se=fit.elbo_se, n_iter=svi_steps
     )
 
 
@@ -792,22 +791,16 @@ def variational_bayes(
     result = fitter.fit(x)
     program = BayesianMixture(model, x, program_prior)
     drawn = guide.draw(num_samples)
-    as_model = type("Draws", (), {f"{k}_": v for k, v in drawn.items()})
-    values = program.prior.site_values(as_model)
-    relabelled, report = relabel({k: v.unsqueeze(0) for k, v in values.items()}, program.prior)
-    idata = to_inference_data(program, relabelled, x)
-    flags = report.flags()
-    if not result.converged:
-        flags.append(f"CAVI stopped at max_iter={max_iter}")
-    return _posterior_fit(
+    # site_values reads a fitted model's weights_, means_, ...: the draws stand in for it
+    values = program.prior.site_values(SimpleNamespace(**{f"{k}_": v for k, v in drawn.items()}))
+    flags = [] if result.converged else [f"CAVI stopped at max_iter={max_iter}"]
+    return _q_fit(
         model,
         x,
         program,
-        relabelled,
-        idata,
-        "posterior mean (q)",
-        flags,
+        values,
         result,
+        flags,
         bound=result.lower_bound,
         bound_se=0.0,
         n_iter=result.n_iter,

@@ -49,6 +49,11 @@ from .mixture import MixtureFamily, lookup_statistics
 VBTheta = Callable[[ConjugateMixture, Stats, float], dict]
 
 
+def padded_counts(stats: Stats) -> torch.Tensor:
+    """N_k plus the 10 eps EM's M-step adds (an empty component keeps finite updates)."""
+    return stats["nk"] + 10 * torch.finfo(stats["nk"].dtype).eps
+
+
 def weights_vb_theta(model: ConjugateMixture, n: torch.Tensor) -> torch.Tensor:
     """q(pi) from N_k: alpha_k = alpha_0 + N_k, or the sticks a_k = 1 + N_k,
     b_k = gamma + sum_{j>k} N_j (PRML (10.58); Blei & Jordan 2006)."""
@@ -78,7 +83,7 @@ def gaussian_vb_theta(model: BayesianGaussianMixture, stats: Stats, reg_covar: f
     S the pooled scatter. N_k carries the M-step's 10 eps, as EM's does.
     """
     K, D = stats["s1"].shape
-    n = stats["nk"] + 10 * torch.finfo(stats["nk"].dtype).eps
+    n = padded_counts(stats)
     delta = stats["s1"] / n.unsqueeze(-1)
     xbar = stats["shift"] + delta
     s1, s2 = stats["s1"], stats["s2"]
@@ -124,7 +129,7 @@ def gaussian_vb_theta(model: BayesianGaussianMixture, stats: Stats, reg_covar: f
 
 def bernoulli_vb_theta(model: BayesianBernoulliMixture, stats: Stats, reg_covar: float) -> dict:
     """Beta(a0 + S_kj, b0 + N_k - S_kj), S_kj = sum_d r_dk x_dj."""
-    n = stats["nk"] + 10 * torch.finfo(stats["nk"].dtype).eps
+    n = padded_counts(stats)
     a0, b0 = model.beta_prior_
     return {
         "weight_concentration": weights_vb_theta(model, n),
@@ -135,7 +140,7 @@ def bernoulli_vb_theta(model: BayesianBernoulliMixture, stats: Stats, reg_covar:
 
 def poisson_vb_theta(model: BayesianPoissonMixture, stats: Stats, reg_covar: float) -> dict:
     """Gamma(a0 + S_kj, b0_j + N_k), S_kj = sum_d r_dk x_dj."""
-    n = stats["nk"] + 10 * torch.finfo(stats["nk"].dtype).eps
+    n = padded_counts(stats)
     return {
         "weight_concentration": weights_vb_theta(model, n),
         "rate_shape": model.rate_shape_prior_ + stats["s1"],
@@ -145,7 +150,7 @@ def poisson_vb_theta(model: BayesianPoissonMixture, stats: Stats, reg_covar: flo
 
 def categorical_vb_theta(model: BayesianCategoricalMixture, stats: Stats, reg_covar: float) -> dict:
     """Dir(c0 + sum_d r_dk [x_dj = c])."""
-    n = stats["nk"] + 10 * torch.finfo(stats["nk"].dtype).eps
+    n = padded_counts(stats)
     return {
         "weight_concentration": weights_vb_theta(model, n),
         "probs_concentration": model.probs_concentration_prior_ + stats["counts"],
