@@ -4,6 +4,7 @@ from .amortized import AmortizedNormal, GaussianEncoder
 from .exact import ExactPosterior
 from .exact_gaussian import ExactGaussianPosterior
 from .mean_field import MeanFieldPosterior
+from .semi_supervised import SemiSupervisedGuide
 
 __all__ = [
     "AmortizedNormal",
@@ -11,4 +12,5 @@ __all__ = [
     "ExactPosterior",
     "GaussianEncoder",
     "MeanFieldPosterior",
+    "SemiSupervisedGuide",
 ]

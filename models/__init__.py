@@ -21,6 +21,7 @@ from .hmm import (
 )
 from .linear_gaussian import PPCA, FactorAnalysis, LinearGaussian, gaussian_bound
 from .poisson import PoissonMixture
+from .semi_supervised import SemiSupervisedVAE
 from .vae import VAE
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "NotFittedError",
     "PPCA",
     "PoissonMixture",
+    "SemiSupervisedVAE",
     "SingularCovarianceError",
     "VAE",
     "as_data_tensor",

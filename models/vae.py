@@ -256,15 +256,18 @@ class VAE(PyroModule):
             )
         else:
             self.count = None
+        inputs = self.decoder_inputs()
         self.decoder = (
-            decoder if decoder is not None else mlp([latent_dim, *check_hidden(hidden), data_dim])
+            decoder if decoder is not None else mlp([inputs, *check_hidden(hidden), data_dim])
         )
         dtype = next(self.decoder.parameters(), torch.zeros(())).dtype
-        check_network(
-            self.decoder, latent_dim, [(2, data_dim)], "decoder", dtype, leading_dims=True
-        )
+        check_network(self.decoder, inputs, [(2, data_dim)], "decoder", dtype, leading_dims=True)
         if likelihood == "gaussian":
             self.scale = PyroParam(torch.ones(data_dim, dtype=dtype), constraints.positive)
+
+    def decoder_inputs(self) -> int:
+        """The decoder's input size: k here (a conditional model adds its condition's)."""
+        return self.latent_dim
 
     def reset_parameters(self) -> None:
         """Re-initialise the likelihood's own parameters in place: the ``"gaussian"`` scale

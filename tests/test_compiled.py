@@ -257,15 +257,14 @@ def test_value_dependent_programs_fall_back_or_raise_when_strict():
             strict(x)
 
 
-def test_only_trace_and_mean_field_elbos_are_compiled():
+def test_which_elbos_are_compiled():
+    """Trace_ELBO, TraceMeanField_ELBO and TraceEnum_ELBO are recorded (the last is checked
+    on a model with an enumerated site in tests/test_semi_supervised.py); subclasses that
+    bring their own machinery, like Pyro's JIT variants, run as they are."""
     model, guide = pair("gaussian-unit", "unit")
     assert is_compilable(Trace_ELBO()) and is_compilable(TraceMeanField_ELBO())
-    assert not is_compilable(TraceEnum_ELBO()) and not is_compilable(JitTrace_ELBO())
-    compiled = CompiledELBO(TraceEnum_ELBO(max_plate_nesting=1), model, guide)
-    with pyro.validation_enabled(False):
-        compiled(data("gaussian-unit"))
-    assert compiled.graphs == {}
-    trainer = SVITrainer(model, guide, loss=TraceEnum_ELBO(max_plate_nesting=1), progress=False)
+    assert is_compilable(TraceEnum_ELBO()) and not is_compilable(JitTrace_ELBO())
+    trainer = SVITrainer(model, guide, loss=JitTrace_ELBO(), progress=False)
     assert not isinstance(trainer.elbo, CompiledELBO)
     assert isinstance(SVITrainer(model, guide, progress=False).elbo, CompiledELBO)
     assert not isinstance(

@@ -59,6 +59,7 @@ from typing import NamedTuple
 
 import pyro
 import torch
+from pyro.infer.traceenum_elbo import _compute_dice_elbo
 from pyro.poutine.runtime import am_i_wrapped
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -66,8 +67,9 @@ from torch.overrides import TorchFunctionMode
 
 from .graph_passes import fresh_outputs, lift_attributes, simplify
 
-# ELBOs whose loss is sum over particles of ``_differentiable_loss_particle``
-COMPILABLE = (pyro.infer.Trace_ELBO, pyro.infer.TraceMeanField_ELBO)
+# ELBOs whose loss is the mean over particles of ``_differentiable_loss_particle``, and
+# TraceEnum_ELBO, whose particle is ``_compute_dice_elbo`` (discrete guide sites summed)
+COMPILABLE = (pyro.infer.Trace_ELBO, pyro.infer.TraceMeanField_ELBO, pyro.infer.TraceEnum_ELBO)
 MAX_GRAPHS = 16  # batch shapes x grad modes per module; further shapes run eagerly
 
 
@@ -146,19 +148,26 @@ def _restore_buffers(buffers: list[_Buffer]) -> list[str]:
     return changed
 
 
-class _PyroLossValueAsNaN(TorchFunctionMode):
-    """While tracing, Pyro's ``.item()`` of the loss value gives NaN instead of failing.
+class _PyroValueReads(TorchFunctionMode):
+    """While tracing, the two values Pyro's ELBOs read into Python are answered without reading.
 
-    ``_differentiable_loss_particle`` returns ``(float loss, surrogate tensor)``; only the
-    surrogate is recorded. Any other ``.item()`` (a value read by user code) is left
-    alone, so tracing fails and the call runs eagerly.
+    - ``.item()`` of the loss value gives NaN: ``_differentiable_loss_particle`` returns
+      ``(float loss, surrogate tensor)``, and only the surrogate is recorded;
+    - ``mask.all()`` in ``Dice.compute_expectation`` (whether every enumerated value has
+      positive probability) is True: the recorded graph weights each value's cost by its
+      probability without dropping the zero ones, which is the same sum unless a value of
+      probability 0 has an infinite cost. That case makes the replayed loss non-finite, and
+      :meth:`CompiledELBO.loss_and_grads` then reruns the step through Pyro, which drops it.
+
+    Any other read (a value read by user code) is left alone, so tracing fails and the
+    call runs eagerly.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.item:
+        if func is torch.Tensor.item or func is torch.Tensor.all:
             caller = sys._getframe(1).f_globals.get("__name__", "")
             if caller.startswith("pyro.infer."):
-                return float("nan")
+                return float("nan") if func is torch.Tensor.item else True
         return func(*args, **(kwargs or {}))
 
 
@@ -216,6 +225,10 @@ class CompiledELBO(torch.nn.Module):
     # ------------------------------------------------------------------ calls
     def eager(self, *args: torch.Tensor) -> torch.Tensor:
         """Pyro's ELBO run as usual (what ``elbo(model, guide)(*args)`` does)."""
+        if not torch.is_grad_enabled() and isinstance(self.elbo, pyro.infer.TraceEnum_ELBO):
+            # its differentiable_loss refuses a loss without a gradient: the value is loss()
+            value = self.elbo.loss(self.model, self.guide, *args)
+            return torch.tensor(value, dtype=args[0].dtype if args else None)
         return self.elbo.differentiable_loss(self.model, self.guide, *args)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
@@ -235,9 +248,16 @@ class CompiledELBO(torch.nn.Module):
         if self._may_compile(args):
             replay = self._replay(args, self._record_loss_and_grads, scale=scale)
             if replay is not None:
+                enumerated = isinstance(self.elbo, pyro.infer.TraceEnum_ELBO)
+                state = torch.random.get_rng_state() if enumerated else None
                 with torch.no_grad():
                     loss, *grads = replay.call(args)
                 loss = float(loss)
+                if not math.isfinite(loss) and enumerated:
+                    # a value of probability 0 with infinite cost (_PyroValueReads): Pyro's
+                    # own contraction drops it; the same draws, through Pyro
+                    torch.random.set_rng_state(state)
+                    return self._eager_loss_and_grads(args, scale)
                 if not math.isfinite(loss):
                     return loss
                 for param, grad, fresh in zip(replay.params, grads, replay.fresh, strict=True):
@@ -248,6 +268,9 @@ class CompiledELBO(torch.nn.Module):
                     else:
                         param.grad.add_(grad)
                 return loss
+        return self._eager_loss_and_grads(args, scale)
+
+    def _eager_loss_and_grads(self, args, scale: float) -> float:
         surrogate = self.eager(*args) * scale
         loss = float(surrogate.detach())
         if math.isfinite(loss):
@@ -284,9 +307,13 @@ class CompiledELBO(torch.nn.Module):
     def surrogate(self, *args: torch.Tensor) -> torch.Tensor:
         """The loss Pyro differentiates: mean over particles of the surrogate -ELBO."""
         loss = 0.0
+        enumerated = isinstance(self.elbo, pyro.infer.TraceEnum_ELBO)
         for model_trace, guide_trace in self.elbo._get_traces(self.model, self.guide, args, {}):
-            with _PyroLossValueAsNaN():
-                _, particle = self.elbo._differentiable_loss_particle(model_trace, guide_trace)
+            with _PyroValueReads():
+                if enumerated:  # what TraceEnum_ELBO.differentiable_loss sums
+                    particle = -_compute_dice_elbo(model_trace, guide_trace)
+                else:
+                    _, particle = self.elbo._differentiable_loss_particle(model_trace, guide_trace)
             loss = loss + particle / self.elbo.num_particles
         return loss
 

@@ -28,16 +28,23 @@ _BATCH = "datapoints per pass, e.g. batch_size=256"
 
 
 def _log_weights(
-    model, guide, x: torch.Tensor, num_samples: int, latent_site: str, analytic_kl: bool = False
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int,
+    latent_site: str,
+    analytic_kl: bool = False,
+    *labels: torch.Tensor,
 ) -> torch.Tensor:
     """log p(x_d, z_k) - log q(z_k | x_d) for K samples, shape (K, N).
 
     With ``analytic_kl`` the prior and entropy terms are replaced by -KL(q || p(z)), so
-    each entry is log p(x_d | z_k) - KL_d.
+    each entry is log p(x_d | z_k) - KL_d. ``labels``: passed to model and guide after x
+    (a model with a class site: the class observed, log p(x_d, y_d, z_k) - log q(z_k | x_d, y_d)).
     """
     with pyro.plate("particles", num_samples, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+        guide_trace = poutine.trace(guide).get_trace(x, *labels)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *labels)
     out = torch.zeros(num_samples, x.shape[0], dtype=x.dtype)
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
@@ -70,6 +77,10 @@ def elbo_per_datapoint(
 ) -> torch.Tensor:
     """Monte Carlo estimate of LB_d for every datapoint, shape (N,).
 
+    For a model with a class site (M2) it is the unlabelled bound -U(x_d) (M2-U): the
+    labelled bound -L(x_d, c) of every class c (``num_particles`` draws of z each),
+    weighted by q(c | x_d), plus the entropy of q(y | x_d).
+
     ``analytic_kl=True`` computes -KL(q(z | x_d) || p(z)) in closed form (VAE-KL) and only
     the reconstruction term by sampling. ``num_particles`` and ``batch_size`` are positive
     integers (NumPy integers too); anything else is a ``ValueError``.
@@ -80,9 +91,34 @@ def elbo_per_datapoint(
     chunks = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]
+        if _has_class(model):  # -U(x_d) (M2-U): each class's bound weighted by q(y | x_d)
+            log_q = guide.class_logits(xb)  # (B, C)
+            bounds = torch.stack(
+                [
+                    _log_weights(
+                        model, guide, xb, num_particles, latent_site, analytic_kl, _full(xb, c)
+                    ).mean(0)
+                    for c in range(model.n_classes)
+                ],
+                dim=-1,
+            )  # -L(x_d, c), (B, C)
+            chunks.append((log_q.exp() * (bounds - log_q)).sum(-1))
+            continue
         lw = _log_weights(model, guide, xb, num_particles, latent_site, analytic_kl)
         chunks.append(lw.mean(0))
     return torch.cat(chunks)
+
+
+def _has_class(model) -> bool:
+    """Whether ``model`` has a discrete class site that evaluation sums (M2)."""
+    return isinstance(getattr(model, "label_site", None), str) and isinstance(
+        getattr(model, "n_classes", None), int
+    )
+
+
+def _full(x: torch.Tensor, c: int) -> torch.Tensor:
+    """The label ``c`` for every row of ``x``, shape (N,)."""
+    return torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)
 
 
 @torch.no_grad()
@@ -99,9 +135,11 @@ def iwae_log_likelihood(
 
     log p(x_d) ~= log (1/K) sum_k exp(log p(x_d, z_k) - log q(z_k | x_d)), z_k ~ q(z | x_d).
     A lower bound in expectation for every K, equal to the ELBO estimator at K = 1, and
-    tight as K -> infinity. ``num_samples``, ``batch_size`` (datapoints per pass) and
-    ``sample_chunk`` (samples per pass) are positive integers (NumPy integers too);
-    anything else is a ``ValueError``.
+    tight as K -> infinity. For a model with a class site (M2) the class is summed
+    exactly: log p(x_d) ~= logsumexp_y log (1/K) sum_k p(x_d, y, z_k) / q(z_k | x_d, y),
+    z_k ~ q(z | x_d, y), K draws per class. ``num_samples``, ``batch_size`` (datapoints
+    per pass) and ``sample_chunk`` (samples per pass) are positive integers (NumPy
+    integers too); anything else is a ``ValueError``.
     """
     num_samples = check_positive_int(
         "num_samples", num_samples, "the number of importance samples K, e.g. num_samples=1000"
@@ -114,12 +152,17 @@ def iwae_log_likelihood(
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]
-        pieces = []
-        for k0 in range(0, num_samples, sample_chunk):
-            k = min(sample_chunk, num_samples - k0)
-            pieces.append(_log_weights(model, guide, xb, k, latent_site))
-        log_w = torch.cat(pieces)  # (K, B)
-        out.append(log_w.logsumexp(0) - math.log(num_samples))
+        classes = [_full(xb, c) for c in range(model.n_classes)] if _has_class(model) else [None]
+        per_class = []
+        for labels in classes:
+            extra = () if labels is None else (labels,)
+            pieces = []
+            for k0 in range(0, num_samples, sample_chunk):
+                k = min(sample_chunk, num_samples - k0)
+                pieces.append(_log_weights(model, guide, xb, k, latent_site, False, *extra))
+            log_w = torch.cat(pieces)  # (K, B)
+            per_class.append(log_w.logsumexp(0) - math.log(num_samples))
+        out.append(torch.stack(per_class).logsumexp(0))
     return torch.cat(out)
 
 

@@ -64,7 +64,11 @@ class TrainResult:
         Mean per-datapoint bound on the training batches, one value per epoch (during
         KL warm-up, the warmed-up objective with the KL term scaled by beta).
     val_bounds:
-        Mean per-datapoint bound on the validation data per epoch (beta = 1), if given.
+        Mean per-datapoint bound on the validation data per epoch (beta = 1), if given
+        (for a model with a class site, the unlabelled bound -U of M2-U: y summed).
+    val_accuracies:
+        With validation labels (``fit(..., y_val=...)``): the fraction of validation
+        points the guide's classifier gets right, per epoch.
     epochs:
         Epochs run in this call (after any resumed ones).
     best_epoch:
@@ -80,6 +84,7 @@ class TrainResult:
     train_bounds: list[float] = field(default_factory=list)
     val_bounds: list[float] = field(default_factory=list)
     epochs: int = 0
+    val_accuracies: list[float] = field(default_factory=list)
     best_epoch: int | None = None
     stopped_early: bool = False
     fit_time: float = 0.0
@@ -220,7 +225,9 @@ def _read_checkpoint(path: Path) -> dict:
         or not all(isinstance(g, dict) and "params" in g for g in opt["param_groups"])
     ):
         problems.append("'optimizer' is not an optimiser state dict (state, param_groups)")
-    for key in ("train_bounds", "val_bounds"):
+    for key in ("train_bounds", "val_bounds", "val_accuracies"):
+        if key not in state:  # (val_accuracies: written since labels were supported)
+            continue
         value = state[key]
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
@@ -437,7 +444,9 @@ class SVITrainer:
         probe leaves buffers, modes and the random state as they were).
     loss:
         A Pyro ELBO instance: ``TraceMeanField_ELBO()`` (default; analytic KL, VAE-KL) or
-        ``Trace_ELBO(num_particles=C)`` (Monte Carlo, VAE-MC), or any other.
+        ``Trace_ELBO(num_particles=C)`` (Monte Carlo, VAE-MC), or any other. A model with
+        a ``default_loss()`` method brings its own default: ``TraceEnum_ELBO`` for
+        :class:`~elbolab.models.SemiSupervisedVAE`, which sums the class exactly.
     optimizer:
         A ``torch.optim`` class (default ``Adam``), or any callable such as
         ``functools.partial(torch.optim.SGD, momentum=0.9)``, called as
@@ -491,9 +500,17 @@ class SVITrainer:
     latent_site:
         The site whose KL term the warm-up scales; default the model's ``latent_site``
         attribute, else ``"z"``. It must be one of the model's latent sites.
+    alpha:
+        With labels (``fit(x, y=labels)``, a model with a class site such as
+        :class:`~elbolab.models.SemiSupervisedVAE`): the weight of the classifier term of
+        M2-J, J^alpha = sum_l L(x, y) + sum_u U(x) + alpha sum_l -log q(y | x): the weight
+        of each labelled point's classification loss against its bound. None (default):
+        the paper's rule, alpha = 0.1 N with N the number of training points (labelled or
+        not), so that the classifier term keeps its weight as unlabelled data are added.
     compile:
         Record the ELBO once per batch shape and replay it (:class:`CompiledELBO`) when
-        the loss is ``Trace_ELBO`` or ``TraceMeanField_ELBO``: the same loss and the same
+        the loss is ``Trace_ELBO``, ``TraceMeanField_ELBO`` or ``TraceEnum_ELBO`` (the
+        discrete guide sites summed by the same contraction Pyro runs): the same loss and the same
         random draws, without Pyro's per-step overhead. Steps that cannot be recorded
         (the first step of each fit, which Pyro validates; KL warm-up epochs; programs
         that branch on tensor values; forward passes that change buffers, like BatchNorm
@@ -518,6 +535,7 @@ class SVITrainer:
         latent_site: str | None = None,
         compile: bool = True,
         warm_start: bool = False,
+        alpha: float | None = None,
     ) -> None:
         batch_size = check_positive_int(
             "batch_size", batch_size, "datapoints per minibatch, e.g. batch_size=128"
@@ -541,6 +559,16 @@ class SVITrainer:
         if patience is not None:
             patience = check_positive_int(
                 "patience", patience, "epochs without improvement, or None to never stop early"
+            )
+        if alpha is not None and (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float, np.integer, np.floating))
+            or not math.isfinite(alpha)
+            or alpha < 0
+        ):
+            raise ValueError(
+                f"alpha must be a number >= 0 or None, got {alpha!r}; e.g. alpha=0.1 * N for N "
+                "training points (the paper's rule, what None gives), or 0 for the bound alone"
             )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise ValueError(f"seed must be an integer or None, got {seed!r}; e.g. seed=0")
@@ -576,7 +604,11 @@ class SVITrainer:
                 f"{sites}); pass one of those, or leave latent_site unset"
             )
         self.model, self.guide = model, guide
-        self.loss = loss if loss is not None else pyro.infer.TraceMeanField_ELBO()
+        if loss is None:
+            default = getattr(model, "default_loss", None)
+            loss = default() if callable(default) else pyro.infer.TraceMeanField_ELBO()
+        self.loss = loss
+        self.alpha = None if alpha is None else float(alpha)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         if self.checkpoint is not None:
             _check_checkpoint_path(self.checkpoint)
@@ -683,13 +715,7 @@ class SVITrainer:
         scale = 1.0 / batch.shape[0]  # the loss per datapoint
         self.optimizer.zero_grad()
         with ScaleSite(self.latent_site, beta) if beta != 1.0 else nullcontext():
-            if isinstance(self.elbo, CompiledELBO):
-                loss = self.elbo.loss_and_grads(batch, scale=scale)
-            else:
-                surrogate = self.elbo(batch) * scale
-                loss = float(surrogate.detach())
-                if math.isfinite(loss):
-                    surrogate.backward()
+            loss = self._loss_and_grads((batch,), scale)
         if not math.isfinite(loss):
             raise TrainingDiverged("non-finite loss")
         self.optimizer.step()  # loss = -LB: descending it is ascending the bound (SGD)
@@ -715,21 +741,144 @@ class SVITrainer:
                 count += batch.shape[0]
         return total / count
 
+    # ------------------------------------------------------------------ labels (M2-J)
+    def _labels(self, y, n: int, name: str, allow_missing: bool) -> torch.Tensor:
+        """Labels checked by the model (``validate_labels``), refused for a model without one."""
+        validate = getattr(self.model, "validate_labels", None)
+        if validate is None or not callable(getattr(self.guide, "class_logits", None)):
+            raise ValueError(
+                f"{name} was given, but {type(self.model).__name__} has no class site to "
+                "observe (and its guide no classifier q(y | x)); train it without labels, "
+                "or use a model with a class, e.g. SemiSupervisedVAE with SemiSupervisedGuide"
+            )
+        return validate(y, n, name=name, allow_missing=allow_missing)
+
+    def _split_labelled(self, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_u, x_l, y_l): the unlabelled rows, the labelled rows and their labels."""
+        if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor):
+            raise ValueError(
+                "labels (y=...) need x_train as one tensor or array, not a Dataset; pass the "
+                "data as a tensor with one label per row (-1 where unlabelled)"
+            )
+        x = self._validate(x)
+        labels = self._labels(y, x.shape[0], "y", allow_missing=True)
+        observed = labels >= 0
+        if not bool(observed.any()):
+            raise ValueError(
+                "y holds no labels (every entry is -1, unlabelled), so the classifier has "
+                "nothing to learn from; pass at least one label, or fit(x) without y"
+            )
+        return x[~observed], x[observed], labels[observed]
+
+    def _labelled_step(
+        self,
+        x_u: torch.Tensor | None,
+        x_l: torch.Tensor,
+        y_l: torch.Tensor,
+        counts: tuple[int, int],
+        beta: float,
+    ) -> float:
+        """One SGD step on J^alpha / N (M2-J), estimated from one batch of each kind.
+
+            J^alpha / N ~ (N_u / N) mean_bu(U) + (N_l / N) mean_bl(L + alpha (-log q(y | x)))
+
+        ``counts``: (N_u, N_l), the numbers of unlabelled and labelled training points.
+        Returns the sum of the batches' bounds (-U and -L summed over their points).
+        """
+        self._trained = True
+        self.optimizer.zero_grad()
+        n = sum(counts)
+        total = 0.0
+        with ScaleSite(self.latent_site, beta) if beta != 1.0 else nullcontext():
+            for args, count in (((x_u,), counts[0]), ((x_l, y_l), counts[1])):
+                if args[0] is None or args[0].shape[0] == 0:
+                    continue
+                scale = count / n / args[0].shape[0]
+                loss = self._loss_and_grads(args, scale)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged("non-finite loss")
+                total -= loss / scale
+        if x_l.shape[0] > 0:
+            alpha = self.alpha if self.alpha is not None else 0.1 * n
+            log_q = self.guide.class_logits(x_l).gather(-1, y_l.unsqueeze(-1)).squeeze(-1)
+            # the M2-J term alpha sum_l -log q(y | x), per datum of J / N
+            classifier = -(alpha * counts[1] / n) * log_q.mean()
+            if not bool(torch.isfinite(classifier)):
+                raise TrainingDiverged("non-finite loss")
+            classifier.backward()
+        self.optimizer.step()
+        return total
+
+    def _loss_and_grads(self, args: tuple, scale: float) -> float:
+        """``scale`` times the ELBO's loss on ``args``, its gradient added to ``.grad``."""
+        if isinstance(self.elbo, CompiledELBO):
+            return self.elbo.loss_and_grads(*args, scale=scale)
+        surrogate = self.elbo(*args) * scale
+        loss = float(surrogate.detach())
+        if math.isfinite(loss):
+            surrogate.backward()
+        return loss
+
+    def _labelled_epoch(self, parts, beta: float, validate_first: bool) -> float:
+        """One pass over every point, labelled and not; the mean per-datapoint bound J / N.
+
+        Each step takes the next batch of ``batch_size`` unlabelled points and the next
+        share of the labelled ones (the labelled set split into as many parts as there
+        are unlabelled batches), so every point is seen once per epoch.
+        """
+        x_u, x_l, y_l = parts
+        n_u, n_l = x_u.shape[0], x_l.shape[0]
+        n, b = n_u + n_l, self.batch_size
+        steps = math.ceil(n_u / b) if n_u else math.ceil(n_l / b)
+        order_u = torch.randperm(n_u, generator=self._generator)
+        order_l = torch.randperm(n_l, generator=self._generator)
+        shares = torch.tensor_split(order_l, steps)
+        total = 0.0
+        with pyro.validation_enabled(False):
+            for i in range(steps):
+                batch_u = x_u[order_u[i * b : (i + 1) * b]] if n_u else None
+                share = shares[i]
+                with pyro.validation_enabled(validate_first):
+                    total += self._labelled_step(batch_u, x_l[share], y_l[share], (n_u, n_l), beta)
+                validate_first = False
+        return total / n
+
     @torch.no_grad()
-    def evaluate(self, x, batch_size: int = 1024) -> float:
-        """Mean per-datapoint bound on ``x`` with the trainer's ELBO (beta = 1)."""
+    def accuracy(self, x, y) -> float:
+        """The fraction of (x, y) whose most probable class under q(y | x) is y."""
+        x = self._validate(x)
+        labels = self._labels(y, x.shape[0], "y", allow_missing=False)
+        return float((self.guide.class_logits(x).argmax(-1) == labels).double().mean())
+
+    @torch.no_grad()
+    def evaluate(self, x, batch_size: int = 1024, y=None) -> float:
+        """Mean per-datapoint bound on ``x`` with the trainer's ELBO (beta = 1).
+
+        With labels ``y`` (a model with a class site) the labelled bound -L(x, y) (M2-L);
+        without, the model's own bound (for M2, -U(x): y summed, M2-U).
+        """
         batch_size = check_positive_int("batch_size", batch_size, "datapoints per pass")
         x = self._validate(x)  # checked here, so Pyro's per-call checks are not needed
+        labels = None if y is None else self._labels(y, x.shape[0], "y", allow_missing=False)
         total = 0.0
         with pyro.validation_enabled(False):
             for start in range(0, x.shape[0], batch_size):
-                total += float(self.elbo(x[start : start + batch_size]).detach())
+                args = (x[start : start + batch_size],)
+                if labels is not None:
+                    args = (*args, labels[start : start + batch_size])
+                total += float(self.elbo(*args).detach())
         return -total / x.shape[0]
 
-    def fit(self, x_train, epochs: int = 10, x_val=None) -> TrainResult:
+    def fit(self, x_train, epochs: int = 10, x_val=None, *, y=None, y_val=None) -> TrainResult:
         """Train for ``epochs`` epochs; returns this call's :class:`TrainResult`.
 
         ``x_train`` and ``x_val`` are tensors, arrays or ``torch.utils.data.Dataset`` s.
+        ``y``: for a model with a class site (:class:`~elbolab.models.SemiSupervisedVAE`),
+        one integer label per row of ``x_train``, -1 where unlabelled; training then
+        maximises J^alpha of M2-J (see ``alpha``) and ``train_bounds`` is J / N, the mean
+        bound per training point. ``y_val``: labels for every row of ``x_val``; the
+        classifier's accuracy on them is recorded per epoch, and early stopping
+        (``patience``) then watches that accuracy instead of the validation bound.
         A non-finite loss raises :class:`TrainingDiverged` with the parameters and the
         checkpoint file left at the last completed epoch. The inputs and the checkpoint
         path are checked before anything is trained; then, on the first ``fit`` of a
@@ -739,10 +888,16 @@ class SVITrainer:
         started = time.perf_counter()
         if self.checkpoint is not None:
             _check_checkpoint_path(self.checkpoint)
-        train = _as_batches_source(x_train, self._validate)
-        if isinstance(train, torch.Tensor) and train.shape[0] == 0:
-            raise ValueError("x_train is empty; pass at least one sample.")
+        if y is not None:
+            train = self._split_labelled(x_train, y)
+        else:
+            train = _as_batches_source(x_train, self._validate)
+            if isinstance(train, torch.Tensor) and train.shape[0] == 0:
+                raise ValueError("x_train is empty; pass at least one sample.")
         val = None if x_val is None else self._validate(x_val)
+        if y_val is not None and val is None:
+            raise ValueError("y_val labels validation data: pass x_val as well")
+        val_labels = None if y_val is None else self._labels(y_val, val.shape[0], "y_val", False)
         if self.patience is not None and val is None:
             raise ValueError("early stopping (patience) needs validation data: pass x_val")
         if not self._trained:
@@ -751,7 +906,8 @@ class SVITrainer:
                 self._draw_initial_weights()
         result = TrainResult()
         done = len(self.history.train_bounds)
-        best_val = max(self.history.val_bounds, default=-float("inf"))
+        watched = self.history.val_accuracies if val_labels is not None else self.history.val_bounds
+        best_val = max(watched, default=-float("inf"))
         last_good = self._state()
         best_state, since_best = last_good, 0
         validate_first = pyro.infer.util.is_validation_enabled()  # Pyro checks step 1
@@ -768,8 +924,9 @@ class SVITrainer:
                 # every draw depends on (seed, epoch) only: a resumed run repeats exactly
                 pyro.set_rng_seed(_epoch_seed(self.seed, epoch))
                 self._generator.manual_seed(_epoch_seed(self.seed, epoch))
+            run_epoch = self._labelled_epoch if isinstance(train, tuple) else self._epoch
             try:
-                bound = self._epoch(train, self.beta(epoch), validate_first=validate_first)
+                bound = run_epoch(train, self.beta(epoch), validate_first=validate_first)
             except TrainingDiverged:
                 self._load_state(last_good)
                 bar.close()
@@ -783,14 +940,18 @@ class SVITrainer:
             last_good = self._state()  # one snapshot per epoch, shared with best_state
             if val is not None:
                 result.val_bounds.append(self.evaluate(val))
-                if result.val_bounds[-1] > best_val:
-                    best_val, best_state, since_best = result.val_bounds[-1], last_good, 0
+                self.history.val_bounds.append(result.val_bounds[-1])
+                score = result.val_bounds[-1]
+                if val_labels is not None:
+                    result.val_accuracies.append(self.accuracy(val, val_labels))
+                    self.history.val_accuracies.append(result.val_accuracies[-1])
+                    score = result.val_accuracies[-1]
+                if score > best_val:
+                    best_val, best_state, since_best = score, last_good, 0
                     result.best_epoch = epoch
                 else:
                     since_best += 1
             self.history.train_bounds.append(result.train_bounds[-1])
-            if val is not None:
-                self.history.val_bounds.append(result.val_bounds[-1])
             result.epochs += 1
             self.history.epochs += 1
             if self.checkpoint is not None:
@@ -800,6 +961,8 @@ class SVITrainer:
             post = {"bound": f"{result.train_bounds[-1]:.4g}"}
             if val is not None:
                 post["val"] = f"{result.val_bounds[-1]:.4g}"
+            if val_labels is not None:
+                post["val acc"] = f"{result.val_accuracies[-1]:.3f}"
             bar.set_postfix(post, refresh=False)
             if self.patience is not None and since_best >= self.patience:
                 result.stopped_early = True
@@ -841,6 +1004,7 @@ class SVITrainer:
             "optimizer_class": type(self.optimizer).__name__,
             "train_bounds": list(self.history.train_bounds),
             "val_bounds": list(self.history.val_bounds),
+            "val_accuracies": list(self.history.val_accuracies),
             "epochs": self.history.epochs,
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -876,7 +1040,10 @@ class SVITrainer:
         try:
             self._load_state(state)
             self.history = TrainResult(
-                list(state["train_bounds"]), list(state["val_bounds"]), int(state["epochs"])
+                list(state["train_bounds"]),
+                list(state["val_bounds"]),
+                int(state["epochs"]),
+                val_accuracies=list(state.get("val_accuracies", [])),
             )
         except Exception as error:  # not foreseen by the checks: undo, then explain
             self._load_state(before)
