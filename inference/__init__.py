@@ -31,6 +31,7 @@ from .svi.evaluate import (
     latent_means,
     reconstruct,
 )
+from .svi.iwae import ImportanceWeightedELBO
 from .svi.trainer import SVITrainer, TrainingDiverged, TrainResult
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ConvergenceWarning",
     "DirectML",
     "EMResult",
+    "ImportanceWeightedELBO",
     "SVITrainer",
     "TrainResult",
     "TrainingDiverged",

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .base import check_positive_int, check_seed
-from .vae import VAE, check_hidden
+from .vae import VAE
 
 
 def one_hot(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -57,7 +57,7 @@ class SemiSupervisedVAE(VAE):
     n_classes:
         C >= 2, the number of classes y takes.
     latent_dim:
-        k, the dimension of the style z (default 8).
+        k, the dimension of the style z (default 50, as in the paper).
     hidden:
         Hidden layer sizes of the default decoder MLP, (k + C) -> hidden -> n (default
         ``(256,)``). An int alone is refused: ``hidden=(16,)``.
@@ -82,7 +82,7 @@ class SemiSupervisedVAE(VAE):
         self,
         data_dim: int,
         n_classes: int,
-        latent_dim: int = 8,
+        latent_dim: int = 50,
         hidden: tuple[int, ...] = (256,),
         likelihood: str = "gaussian-unit",
         count: int | None = None,
@@ -97,7 +97,6 @@ class SemiSupervisedVAE(VAE):
             )
         self.n_classes = n_classes  # before VAE's __init__, which sizes the decoder with it
         super().__init__(data_dim, latent_dim, hidden, likelihood, count, decoder)
-        self.hidden = check_hidden(hidden)  # the guide's networks default to these sizes
         dtype = self._dtype()
         if class_probs is None:
             probs = torch.full((n_classes,), 1.0 / n_classes, dtype=dtype)

@@ -257,9 +257,8 @@ class VAE(PyroModule):
         else:
             self.count = None
         inputs = self.decoder_inputs()
-        self.decoder = (
-            decoder if decoder is not None else mlp([inputs, *check_hidden(hidden), data_dim])
-        )
+        self.hidden = check_hidden(hidden)  # (guides built for this model default to them)
+        self.decoder = decoder if decoder is not None else mlp([inputs, *self.hidden, data_dim])
         dtype = next(self.decoder.parameters(), torch.zeros(())).dtype
         check_network(self.decoder, inputs, [(2, data_dim)], "decoder", dtype, leading_dims=True)
         if likelihood == "gaussian":

@@ -57,6 +57,7 @@ from elbolab.inference.compare.table import COLUMNS
 from elbolab.models import (
     VAE,
     BernoulliMixture,
+    GaussianHMM,
     GaussianMixture,
     MixtureModel,
     PoissonMixture,
@@ -365,7 +366,9 @@ def test_bad_scheme_raises_before_fitting(spy, faithful):
         compare(Plain(2), faithful, ["spy", "em", "nuts"])
     assert "['em-gradient', 'direct', 'spy']" in str(info.value)
     # a model no scheme is registered for
-    with pytest.raises(ValueError, match="no scheme is registered for VAE"):
+    with pytest.raises(ValueError, match="no scheme is registered for GaussianHMM"):
+        compare(GaussianHMM(2), faithful, ["nuts"])
+    with pytest.raises(ValueError, match=r"\['nuts'\] do not fit VAE.*\['vae', 'vae-mc', 'iwae'\]"):
         compare(VAE(2, 1, hidden=(3,)), faithful, ["nuts"])
     assert spy == []
 
@@ -419,7 +422,8 @@ def test_schemes_are_found_along_the_class_hierarchy(spy):
     assert schemes_for(BernoulliMixture(2)) == ALL + ["vb", "spy"]
     assert default_schemes_for(BernoulliMixture(2)) == ALL + ["spy"]
     assert schemes_for(Plain(2)) == ["em-gradient", "direct", "spy"]
-    assert schemes_for(VAE(2, 1, hidden=(3,))) == []
+    assert schemes_for(VAE(2, 1, hidden=(3,))) == ["vae", "vae-mc", "iwae"]
+    assert schemes_for(GaussianHMM(2)) == []
 
 
 def test_a_failing_scheme_is_a_flagged_row(faithful):

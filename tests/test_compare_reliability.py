@@ -290,7 +290,7 @@ def test_bad_call_arguments_raise_before_fitting(faithful, ran, kwargs, message)
 def test_bad_linear_gaussian_options_raise_before_fitting(ran, options, message):
     y = torch.randn(30, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=message):
-        compare(PPCA(4, 1), y, ["closed-form", "em", "linear-vae"], **options)
+        compare(PPCA(4, 1), y, ["closed-form", "em", "vae"], **options)
     assert ran == []
 
 

@@ -5,9 +5,10 @@ scheme           what                                                           
 ===============  =================================================================  =====
 ``em``           EM with the exact Gaussian posterior (LG-EM, EM-TIGHT)             both
 ``closed-form``  the eigen-decomposition maximum (LG-ML)                            PPCA
-``linear-vae``   the same model with ``AmortizedNormal`` and a linear encoder,      both
-                 trained by SGD on Pyro's ELBO (``SVITrainer``)
 ===============  =================================================================  =====
+
+Beside them, :mod:`.amortized` registers ``vae``, ``vae-mc`` and ``iwae`` for both: the
+same model with ``AmortizedNormal`` and a linear encoder, trained by SGD on Pyro's ELBO.
 
 Every row reports the exact log-likelihood (LG-MARG) and the bound of the scheme's own q in
 closed form (``gaussian_bound``): 0 gap for EM's exact posterior, KL(q || p(z | x)) for
@@ -19,11 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from ...guides import AmortizedNormal, ExactGaussianPosterior
-from ...models.linear_gaussian import PPCA, LinearGaussian, gaussian_bound
+from ...guides import ExactGaussianPosterior
+from ...models.linear_gaussian import PPCA, LinearGaussian
 from ..em.linear_gaussian import ppca_closed_form
 from ..em.loop import EM
-from ..svi.trainer import SVITrainer
 from .schemes import (
     SchemeFit,
     check_number_option,
@@ -60,14 +60,6 @@ def _validate_em(model, x, *, tol, max_iter) -> None:
     check_positive_int_option("max_iter", max_iter, example=5000)
 
 
-def _validate_linear_vae(model, x, *, epochs, lr, batch_size) -> None:
-    """Options of ``linear-vae``: epochs, learning rate and batch size, nothing fitted."""
-    check_positive_int_option("epochs", epochs, example=600)
-    check_number_option("lr", lr, low=0, low_open=True, example=3e-2)
-    if batch_size is not None:
-        check_positive_int_option("batch_size", batch_size, example=64)
-
-
 @register_scheme(
     "em",
     LinearGaussian,
@@ -99,34 +91,3 @@ def closed_form(model, x, *, seed) -> SchemeFit:
     """LG-ML: sigma^2 the mean discarded eigenvalue, W = U_k (L_k - sigma^2 I)^1/2."""
     ppca_closed_form(model, x)
     return _fit(model, x, "MLE", model.score(x), n_iter=1, converged=True)
-
-
-@register_scheme(
-    "linear-vae",
-    LinearGaussian,
-    description="the linear VAE (amortized guide)",
-    validate=_validate_linear_vae,
-)
-def linear_vae(model, x, *, seed, epochs=600, lr=3e-2, batch_size=None) -> SchemeFit:
-    """The model trained with ``AmortizedNormal(hidden=(), scale="learned")`` by SGD.
-
-    Full batch by default (``batch_size=None``). Bound: the trained q's closed-form LB;
-    gap = KL(q || p(z|x)).
-    """
-    x = model.validate_data(x, reset=True)  # the model takes the data's dtype
-    torch.manual_seed(seed)
-    guide = AmortizedNormal(model.data_dim, model.latent_dim, hidden=(), scale="learned")
-    guide.to(model.dtype)
-    trainer = SVITrainer(
-        model,
-        guide,
-        lr=lr,
-        batch_size=len(x) if batch_size is None else batch_size,
-        seed=seed,
-        progress=False,
-    )
-    result = trainer.fit(x, epochs=epochs)
-    with torch.no_grad():
-        loc, scale = guide.encode(x)
-        bound = gaussian_bound(model, x, loc, torch.diag_embed(scale.square())).mean()
-    return _fit(model, x, "MLE (SGD)", bound, n_iter=epochs, converged=None, result=result)

@@ -45,7 +45,13 @@ class SchemeFit:
         The fitted copy, holding the point estimate theta_hat (for posterior schemes the
         posterior mean, or the MAP).
     loglik:
-        Mean per-datum log p(x_d; theta_hat), exact (z summed out).
+        Mean per-datum log p(x_d; theta_hat): exact (z summed out) where the model has it in
+        closed form, else an estimate (``loglik_exact`` False), e.g. the importance-weighted
+        one of a VAE.
+    loglik_exact:
+        Whether ``loglik`` is exact.
+    loglik_se:
+        Monte Carlo standard error of ``loglik`` (0 where it is exact).
     estimate:
         What theta_hat is: ``"MLE"``, ``"MAP"``, ``"posterior mean"``, ...
     bound:
@@ -79,6 +85,8 @@ class SchemeFit:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     lppd: float = math.nan
     idata: Any = None
+    loglik_exact: bool = True
+    loglik_se: float = 0.0
     flags: list[str] = field(default_factory=list)
     result: Any = None
 

@@ -16,7 +16,10 @@ own deep copy of the unfitted model, so the model passed in is never changed. Co
 ==================  ==================================================================
 ``scheme``          the scheme's name
 ``estimate``        what theta_hat is: MLE, MAP, posterior mean, posterior mean (q)
-``loglik``          mean_d log p(x_d; theta_hat), exact (z summed out)
+``loglik``          mean_d log p(x_d; theta_hat), exact (z summed out); for a VAE the
+                    importance-weighted estimate (K = 1000), marked ``~`` in the text
+``loglik_se``       its Monte Carlo standard error (0: exact)
+``loglik_exact``    whether ``loglik`` is exact
 ``lppd``            posterior schemes: mean_d log mean_s p(x_d | theta_s)
 ``bound``           mean per-datum bound the scheme maximised (EM's LB, Pyro's ELBO)
 ``bound_se``        its Monte Carlo standard error (0: exact)
@@ -53,7 +56,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ...models.base import as_data_tensor
-from . import linear_gaussian, mixture  # noqa: F401  (register the PPCA / FA and mixture schemes)
+from . import amortized, linear_gaussian, mixture  # noqa: F401  (register their schemes)
 from .posterior import arviz, loo_flags
 from .schemes import Scheme, SchemeFit, default_schemes_for, resolve_schemes, schemes_for
 
@@ -64,6 +67,8 @@ COLUMNS = (
     "scheme",
     "estimate",
     "loglik",
+    "loglik_se",
+    "loglik_exact",
     "lppd",
     "bound",
     "bound_se",
@@ -96,7 +101,7 @@ class Table(list):
         """The table as fixed-width text."""
         cells = [[h for _, h, _ in self._view]]
         for row in self:
-            cells.append([_fmt(row.get(c), f) for c, _, f in self._view])
+            cells.append([self._cell(row, c, f) for c, _, f in self._view])
         widths = [max(len(r[i]) for r in cells) for i in range(len(self._view))]
         lines = []
         for j, r in enumerate(cells):
@@ -108,6 +113,9 @@ class Table(list):
             if j == 0:
                 lines.append("-" * len(lines[0]))
         return "\n".join(lines)
+
+    def _cell(self, row: dict, column: str, spec: str) -> str:
+        return _fmt(row.get(column), spec)
 
     def __str__(self) -> str:
         return self.to_string()
@@ -183,19 +191,35 @@ class Comparison(Table):
                 return r
         raise KeyError(f"no row for scheme {scheme!r}; the table has {[r['scheme'] for r in self]}")
 
+    def _cell(self, row: dict, column: str, spec: str) -> str:
+        if column == "loglik" and not row.get("loglik_exact", True):  # an estimate, marked
+            return f"~{row['loglik']:.4f} +- {row['loglik_se']:.4f}"
+        return super()._cell(row, column, spec)
+
     def to_string(self) -> str:
         ref = f" (reference: {self.reference})" if self.reference else ""
-        return super().to_string() + (f"\nmean per datum; dlogp/dtheta vs reference{ref}")
+        note = ""
+        if any(not r.get("loglik_exact", True) for r in self):
+            note = "; ~: importance-weighted estimate of log p(x) +- its standard error"
+        return super().to_string() + f"\nmean per datum; dlogp/dtheta vs reference{ref}{note}"
 
 
 # ---------------------------------------------------------------------------- compare
+class _DefaultReference(str):
+    """``compare``'s default ``reference``: ``"em"``, or none where the model has no em."""
+
+
+def _default_reference(reference) -> bool:
+    return isinstance(reference, _DefaultReference)
+
+
 def compare(
     model,
     data,
     schemes: Iterable[str] | str | None = None,
     *,
     seed: int = 0,
-    reference: str | None = "em",
+    reference: str | None = _DefaultReference("em"),
     options: dict[str, dict] | None = None,
     on_error: str = "flag",
     **scheme_options,
@@ -220,7 +244,8 @@ def compare(
         is left as it was).
     reference:
         The scheme whose fit the ``loglik_vs_ref`` and ``theta_vs_ref`` columns compare
-        with (default ``"em"``, the closed form); NaN there if it is not among ``schemes``.
+        with (default ``"em"``, the closed form; for a model without an ``em`` scheme, such
+        as the VAE, the default is no reference); NaN there if it is not among ``schemes``.
     options:
         Per-scheme options, e.g. ``{"nuts": {"num_chains": 4}}``; they override
         ``scheme_options``. Entries for schemes not in ``schemes`` are ignored.
@@ -257,6 +282,8 @@ def compare(
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     _check_seed(seed)
+    if reference == "em" and "em" not in schemes_for(model) and _default_reference(reference):
+        reference = None  # (a VAE: no closed form to compare with)
     if reference is not None and reference not in schemes_for(model):
         raise ValueError(
             f"reference {reference!r} is not a scheme for {type(model).__name__}; "
@@ -403,6 +430,8 @@ def _row(name: str, fit: SchemeFit, elapsed: float, ref: SchemeFit | None) -> di
         "scheme": name,
         "estimate": fit.estimate,
         "loglik": float(fit.loglik),
+        "loglik_se": float(fit.loglik_se),
+        "loglik_exact": bool(fit.loglik_exact),
         "lppd": float(fit.lppd),
         "bound": float(fit.bound),
         "bound_se": float(fit.bound_se),

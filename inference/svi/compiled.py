@@ -66,10 +66,17 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
 from .graph_passes import fresh_outputs, lift_attributes, simplify
+from .iwae import ImportanceWeightedELBO
 
-# ELBOs whose loss is the mean over particles of ``_differentiable_loss_particle``, and
-# TraceEnum_ELBO, whose particle is ``_compute_dice_elbo`` (discrete guide sites summed)
-COMPILABLE = (pyro.infer.Trace_ELBO, pyro.infer.TraceMeanField_ELBO, pyro.infer.TraceEnum_ELBO)
+# ELBOs whose loss is the mean over particles of ``_differentiable_loss_particle``;
+# TraceEnum_ELBO, whose particle is ``_compute_dice_elbo`` (discrete guide sites summed);
+# and the importance-weighted bound, whose loss is its own ``differentiable_loss``
+COMPILABLE = (
+    pyro.infer.Trace_ELBO,
+    pyro.infer.TraceMeanField_ELBO,
+    pyro.infer.TraceEnum_ELBO,
+    ImportanceWeightedELBO,
+)
 MAX_GRAPHS = 16  # batch shapes x grad modes per module; further shapes run eagerly
 
 
@@ -78,7 +85,8 @@ class TracingFailed(RuntimeError):
 
 
 def is_compilable(elbo: pyro.infer.ELBO) -> bool:
-    """Whether ``CompiledELBO`` can trace this ELBO: ``Trace_ELBO`` or ``TraceMeanField_ELBO``.
+    """Whether ``CompiledELBO`` can trace this ELBO: ``Trace_ELBO``, ``TraceMeanField_ELBO``,
+    ``TraceEnum_ELBO`` or :class:`~elbolab.inference.ImportanceWeightedELBO`.
 
     Subclasses (Pyro's own JIT variants among them) bring their own machinery and are
     run eagerly.
@@ -306,6 +314,8 @@ class CompiledELBO(torch.nn.Module):
     # ------------------------------------------------------------------ tracing
     def surrogate(self, *args: torch.Tensor) -> torch.Tensor:
         """The loss Pyro differentiates: mean over particles of the surrogate -ELBO."""
+        if isinstance(self.elbo, ImportanceWeightedELBO):  # not a mean over particles
+            return self.elbo.differentiable_loss(self.model, self.guide, *args)
         loss = 0.0
         enumerated = isinstance(self.elbo, pyro.infer.TraceEnum_ELBO)
         for model_trace, guide_trace in self.elbo._get_traces(self.model, self.guide, args, {}):

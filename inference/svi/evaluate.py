@@ -130,7 +130,8 @@ def iwae_log_likelihood(
     batch_size: int = 256,
     sample_chunk: int = 100,
     latent_site: str = "z",
-) -> torch.Tensor:
+    return_se: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Importance-weighted estimate of log p(x_d) with ``num_samples`` samples, shape (N,).
 
     log p(x_d) ~= log (1/K) sum_k exp(log p(x_d, z_k) - log q(z_k | x_d)), z_k ~ q(z | x_d).
@@ -140,6 +141,12 @@ def iwae_log_likelihood(
     z_k ~ q(z | x_d, y), K draws per class. ``num_samples``, ``batch_size`` (datapoints
     per pass) and ``sample_chunk`` (samples per pass) are positive integers (NumPy
     integers too); anything else is a ``ValueError``.
+
+    ``return_se=True`` also returns each estimate's Monte Carlo standard error, (N,): by
+    the delta method, se(log p_hat) = sd(p_hat) / p_hat with var(p_hat) = var(w) / K for
+    the importance weights w (summed over the classes where the class is summed). It is a
+    first-order estimate from the same K draws: where the weights are heavy-tailed (a
+    guide far from the posterior) it reads low.
     """
     num_samples = check_positive_int(
         "num_samples", num_samples, "the number of importance samples K, e.g. num_samples=1000"
@@ -149,7 +156,7 @@ def iwae_log_likelihood(
         "sample_chunk", sample_chunk, "samples drawn per pass, e.g. sample_chunk=100"
     )
     x = _validate(model, x)
-    out = []
+    out, ses = [], []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]
         classes = [_full(xb, c) for c in range(model.n_classes)] if _has_class(model) else [None]
@@ -160,9 +167,16 @@ def iwae_log_likelihood(
             for k0 in range(0, num_samples, sample_chunk):
                 k = min(sample_chunk, num_samples - k0)
                 pieces.append(_log_weights(model, guide, xb, k, latent_site, False, *extra))
-            log_w = torch.cat(pieces)  # (K, B)
-            per_class.append(log_w.logsumexp(0) - math.log(num_samples))
-        out.append(torch.stack(per_class).logsumexp(0))
+            per_class.append(torch.cat(pieces))  # (K, B)
+        log_w = torch.stack(per_class)  # (classes, K, B)
+        estimate = (log_w.logsumexp(1) - math.log(num_samples)).logsumexp(0)
+        out.append(estimate)
+        if return_se:  # weights relative to p_hat: mean over K, summed over classes, is 1
+            w = (log_w - estimate).exp()
+            variance = w.var(1).sum(0) / num_samples if num_samples > 1 else torch.inf * w[0, 0]
+            ses.append(variance.sqrt())
+    if return_se:
+        return torch.cat(out), torch.cat(ses)
     return torch.cat(out)
 
 

@@ -582,6 +582,17 @@ class SVITrainer:
                 f"loss must be a pyro.infer.ELBO instance, got {loss!r}; e.g. "
                 "loss=pyro.infer.TraceMeanField_ELBO() or Trace_ELBO(num_particles=4)"
             )
+        if loss is not None and not callable(getattr(loss, "differentiable_loss", None)):
+            fix = (
+                "for alpha=0, the importance-weighted bound, use ImportanceWeightedELBO(K)"
+                if isinstance(loss, pyro.infer.RenyiELBO)
+                else "pass an ELBO with one, e.g. Trace_ELBO()"
+            )
+            raise ValueError(
+                f"{type(loss).__name__} has no differentiable_loss: it backpropagates only "
+                "into parameters of Pyro's param store, and this trainer's parameters are "
+                f"module-local, so it would train nothing; {fix}"
+            )
         if isinstance(optimizer, torch.optim.Optimizer):
             name = type(optimizer).__name__
             raise ValueError(
@@ -819,6 +830,10 @@ class SVITrainer:
             surrogate.backward()
         return loss
 
+    def _loss_value(self, args: tuple) -> float:
+        """The ELBO's loss on ``args`` as a float (no gradient)."""
+        return float(self.elbo(*args).detach())
+
     def _labelled_epoch(self, parts, beta: float, validate_first: bool) -> float:
         """One pass over every point, labelled and not; the mean per-datapoint bound J / N.
 
@@ -866,7 +881,7 @@ class SVITrainer:
                 args = (x[start : start + batch_size],)
                 if labels is not None:
                     args = (*args, labels[start : start + batch_size])
-                total += float(self.elbo(*args).detach())
+                total += self._loss_value(args)
         return -total / x.shape[0]
 
     def fit(self, x_train, epochs: int = 10, x_val=None, *, y=None, y_val=None) -> TrainResult:
