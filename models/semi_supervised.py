@@ -147,12 +147,7 @@ class SemiSupervisedVAE(VAE):
     def decode(self, z: torch.Tensor, y) -> torch.Tensor:
         """The mean of p(x | y, z), shape (..., n): z (..., k), y an int or (...) labels."""
         y = torch.as_tensor(y, dtype=torch.long)
-        out = self.decoder(concat_condition(z, y, self.n_classes))
-        if self.likelihood == "bernoulli":
-            return torch.sigmoid(out)
-        if self.likelihood == "binomial":
-            return self.count * torch.sigmoid(out)
-        return out
+        return self.likelihood_mean(self.decoder(concat_condition(z, y, self.n_classes)))
 
     @torch.no_grad()
     def sample(

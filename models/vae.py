@@ -314,7 +314,10 @@ class VAE(PyroModule):
     # ------------------------------------------------------------------ helpers
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The mean of p(x | z): mu_D, or probabilities (times ``count``) for the discrete ones."""
-        out = self.decoder(z)
+        return self.likelihood_mean(self.decoder(z))
+
+    def likelihood_mean(self, out: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | ...) given the decoder output ``out`` (a mean, or logits)."""
         if self.likelihood == "bernoulli":
             return torch.sigmoid(out)
         if self.likelihood == "binomial":

@@ -143,6 +143,23 @@ def _fit(model, x, guide, result, *, seed, objective, eval_samples, n_iter) -> S
     )
 
 
+def _scheme(model, x, loss, *, seed, objective, epochs, lr, batch_size, hidden, eval_samples):
+    """Train with ``loss``, then the row (:func:`_fit`): what the three schemes share."""
+    x, guide, result = _train(
+        model, x, loss, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden
+    )
+    return _fit(
+        model,
+        x,
+        guide,
+        result,
+        seed=seed,
+        objective=objective,
+        eval_samples=eval_samples,
+        n_iter=result.epochs,
+    )
+
+
 def _register(name: str, description: str, validate):
     def decorator(fn):
         for cls in (VAE, LinearGaussian):
@@ -162,18 +179,17 @@ def vae(
     lr 3e-2 for PPCA and factor analysis (a linear encoder).
     """
     loss = pyro.infer.TraceMeanField_ELBO()
-    x, guide, result = _train(
-        model, x, loss, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden
-    )
-    return _fit(
+    return _scheme(
         model,
         x,
-        guide,
-        result,
+        loss,
         seed=seed,
         objective="elbo",
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        hidden=hidden,
         eval_samples=eval_samples,
-        n_iter=result.epochs,
     )
 
 
@@ -192,18 +208,17 @@ def vae_mc(
 ) -> SchemeFit:
     """``Trace_ELBO(num_particles=C)``: every term of the ELBO by Monte Carlo (VAE-MC)."""
     loss = pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
-    x, guide, result = _train(
-        model, x, loss, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden
-    )
-    return _fit(
+    return _scheme(
         model,
         x,
-        guide,
-        result,
+        loss,
         seed=seed,
         objective="elbo",
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        hidden=hidden,
         eval_samples=eval_samples,
-        n_iter=result.epochs,
     )
 
 
@@ -224,16 +239,15 @@ def iwae(
     loss): log (1/K) sum_k p(x, z_k) / q(z_k | x), the importance-weighted bound (Burda et
     al., 2016), tighter than the ELBO for K > 1."""
     loss = ImportanceWeightedELBO(num_particles)
-    x, guide, result = _train(
-        model, x, loss, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden
-    )
-    return _fit(
+    return _scheme(
         model,
         x,
-        guide,
-        result,
+        loss,
         seed=seed,
         objective=num_particles,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        hidden=hidden,
         eval_samples=eval_samples,
-        n_iter=result.epochs,
     )

@@ -173,8 +173,10 @@ def iwae_log_likelihood(
         out.append(estimate)
         if return_se:  # weights relative to p_hat: mean over K, summed over classes, is 1
             w = (log_w - estimate).exp()
-            variance = w.var(1).sum(0) / num_samples if num_samples > 1 else torch.inf * w[0, 0]
-            ses.append(variance.sqrt())
+            if num_samples > 1:
+                ses.append((w.var(1).sum(0) / num_samples).sqrt())
+            else:  # one draw: no spread to read
+                ses.append(torch.full_like(estimate, math.inf))
     if return_se:
         return torch.cat(out), torch.cat(ses)
     return torch.cat(out)
