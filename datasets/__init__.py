@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .mnist import DownloadError, download_mnist, load_mnist, read_idx, write_idx
-from .splits import load_digits_split, load_mnist_5k_split, train_val_test_split
+from .splits import hide_labels, load_digits_split, load_mnist_5k_split, train_val_test_split
 
 
 @dataclass
@@ -174,6 +174,7 @@ __all__ = [
     "Dataset",
     "DownloadError",
     "download_mnist",
+    "hide_labels",
     "load",
     "load_digits",
     "load_digits_split",

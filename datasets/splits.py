@@ -118,6 +118,59 @@ def load_mnist_5k_split(
     )
 
 
+def hide_labels(
+    target: torch.Tensor, n_labelled: int, seed: int = 0, stratified: bool = True
+) -> torch.Tensor:
+    """A copy of ``target`` (N,) with all but ``n_labelled`` entries set to -1 (unlabelled).
+
+    The labelled rows are drawn with a :class:`torch.Generator` seeded with ``seed``;
+    ``stratified=True`` keeps ``n_labelled / C`` of each of the C classes present (so
+    ``n_labelled`` must be a multiple of C), as in the semi-supervised benchmarks, and
+    ``False`` draws them uniformly. The result is what
+    :meth:`~elbolab.inference.SVITrainer.fit` takes as ``y=``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    target = torch.as_tensor(target)
+    if target.dim() != 1 or target.is_floating_point() or target.is_complex():
+        raise ValueError(
+            f"target must be an integer tensor of shape (N,), got {target.dtype} of shape "
+            f"{tuple(target.shape)}; pass the class labels, e.g. dataset.target"
+        )
+    if (target < 0).any():
+        raise ValueError("target already holds negative (unlabelled) entries; pass the full labels")
+    n = target.shape[0]
+    if isinstance(n_labelled, bool) or not isinstance(n_labelled, int) or not 0 < n_labelled <= n:
+        raise ValueError(
+            f"n_labelled must be an int in 1..{n} (the number of rows), got {n_labelled!r}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    if stratified:
+        classes = torch.unique(target)
+        per_class, rest = divmod(n_labelled, len(classes))
+        if rest:
+            raise ValueError(
+                f"stratified: n_labelled={n_labelled} is not a multiple of the {len(classes)} "
+                f"classes; pass a multiple (e.g. {per_class * len(classes) or len(classes)}) "
+                "or stratified=False"
+            )
+        keep = []
+        for c in classes:
+            rows = torch.nonzero(target == c).squeeze(-1)
+            if len(rows) < per_class:
+                raise ValueError(
+                    f"stratified: class {int(c)} has {len(rows)} rows, fewer than the "
+                    f"{per_class} per class asked for; pass a smaller n_labelled"
+                )
+            keep.append(rows[torch.randperm(len(rows), generator=generator)[:per_class]])
+        keep = torch.cat(keep)
+    else:
+        keep = torch.randperm(n, generator=generator)[:n_labelled]
+    labels = torch.full_like(target, -1)
+    labels[keep] = target[keep]
+    return labels
+
+
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     try:
         fracs = tuple(float(f) for f in fractions)
@@ -147,4 +200,10 @@ def _describe(description: str, name: str, seed: int) -> str:
     return f"{description} ({tag})" if description else tag
 
 
-__all__ = ["load_digits_split", "split_sizes", "train_val_test_split"]
+__all__ = [
+    "hide_labels",
+    "load_digits_split",
+    "load_mnist_5k_split",
+    "split_sizes",
+    "train_val_test_split",
+]

@@ -100,3 +100,38 @@ def test_mnist_5k_is_bundled_with_its_provenance_and_splits():
     assert torch.equal(rows.sum(1).sort().values, mnist.data.sum(1).sort().values)
     again = load_mnist_5k_split(seed=2)[0]
     assert torch.equal(again.data, train.data) and torch.equal(again.target, train.target)
+
+
+def test_hide_labels_keeps_n_per_class_from_its_seed():
+    from elbolab.datasets import hide_labels
+
+    target = load_digits().target
+    labels = hide_labels(target, 100, seed=3)
+    kept = labels >= 0
+    assert labels.shape == target.shape and int(kept.sum()) == 100
+    assert torch.equal(labels[kept], target[kept])  # the kept labels are the true ones
+    assert torch.bincount(labels[kept], minlength=10).tolist() == [10] * 10  # stratified
+    assert torch.equal(hide_labels(target, 100, seed=3), labels)  # a seed fixes the draw
+    assert not torch.equal(hide_labels(target, 100, seed=4), labels)
+    uniform = hide_labels(target, 37, seed=0, stratified=False)
+    assert int((uniform >= 0).sum()) == 37
+    assert torch.equal(target, load_digits().target)  # the input is not changed
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.tensor([0.0, 1.0]), 2), "integer tensor"),
+        ((torch.tensor([0, -1, 1]), 2), "already holds negative"),
+        ((torch.tensor([0, 1, 1]), 0), "n_labelled must be an int in 1..3"),
+        ((torch.tensor([0, 1, 1]), 3), "not a multiple of the 2 classes"),
+        ((torch.tensor([0, 1, 1, 1]), 4), "class 0 has 1 rows"),
+    ],
+)
+def test_hide_labels_refuses_bad_input(args, match):
+    from elbolab.datasets import hide_labels
+
+    with pytest.raises(ValueError, match=match):
+        hide_labels(*args)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        hide_labels(torch.tensor([0, 1]), 2, seed=0.5)

@@ -59,6 +59,7 @@ from typing import NamedTuple
 
 import pyro
 import torch
+from pyro.distributions.util import is_identically_zero
 from pyro.infer.traceenum_elbo import _compute_dice_elbo
 from pyro.poutine.runtime import am_i_wrapped
 from torch.fx import GraphModule
@@ -177,6 +178,22 @@ class _PyroValueReads(TorchFunctionMode):
             if caller.startswith("pyro.infer."):
                 return float("nan") if func is torch.Tensor.item else True
         return func(*args, **(kwargs or {}))
+
+
+def _with_elbo_value(surrogate: torch.Tensor, model_trace, guide_trace) -> torch.Tensor:
+    """Trace_ELBO's surrogate with the value of -ELBO, where a guide site is not reparametrised.
+
+    A score-function term (a discrete y sampled, not enumerated) makes the surrogate's value
+    differ from the loss; Pyro adds ``loss - surrogate`` as a Python float, which a recording
+    cannot read (``_PyroValueReads``). Here the same correction is a detached tensor:
+    -ELBO = -(sum_model log p - sum_guide log q) (BASIC), the gradient still the surrogate's.
+    """
+    sites = [s for s in guide_trace.nodes.values() if s["type"] == "sample"]
+    if all(is_identically_zero(s["score_parts"].score_function) for s in sites):
+        return surrogate  # fully reparametrised: the surrogate's value is the loss
+    elbo = sum(s["log_prob_sum"] for s in model_trace.nodes.values() if s["type"] == "sample")
+    elbo = elbo - sum(s["log_prob_sum"] for s in sites)
+    return surrogate + (-elbo - surrogate).detach()
 
 
 class CompiledELBO(torch.nn.Module):
@@ -324,6 +341,8 @@ class CompiledELBO(torch.nn.Module):
                     particle = -_compute_dice_elbo(model_trace, guide_trace)
                 else:
                     _, particle = self.elbo._differentiable_loss_particle(model_trace, guide_trace)
+                    if not isinstance(self.elbo, pyro.infer.TraceMeanField_ELBO):
+                        particle = _with_elbo_value(particle, model_trace, guide_trace)
             loss = loss + particle / self.elbo.num_particles
         return loss
 
