@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_em_libraries.py
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_vae.py
+	$(BIN)/python bench/bench_m2_accuracy.py
 	$(BIN)/python bench/bench_compare.py
 	$(BIN)/python bench/bench_hmm.py
 	$(BIN)/python bench/bench_vb.py

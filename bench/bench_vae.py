@@ -95,6 +95,7 @@ import torch.nn.functional as F
 from machine import cpu_model, n_cores
 
 SEED = 0
+C = 10  # classes of the M2 workloads (digits 0..9)
 LR = 1e-3
 WARM_UP_CALLS = 3  # per batch shape, for the jit-pyro row
 MODES = ("trainer", "eager", "no-valid", "jit-pyro")
@@ -160,6 +161,7 @@ class Workload:
     batch: int
     count: int | None = None
     more_rounds: int = 1  # small workloads: several times --rounds (cheap, and noisier)
+    labels: int = 0  # > 0: the M2 semi-supervised VAE with this many labelled rows
 
 
 WORKLOADS = (
@@ -168,9 +170,18 @@ WORKLOADS = (
     Workload("synth784 bern/learned", "synthetic", "bernoulli", "learned", (400,), 20, 128),
     Workload("synth784 bern/learned", "synthetic", "bernoulli", "learned", (400,), 20, 512),
 )
+# the M2 defaults (latent 50, hidden (256,), y summed by TraceEnum_ELBO, alpha = 0.1 N)
+M2_WORKLOADS = (
+    Workload("M2 digits binom16", "digits", "binomial", "learned", (256,), 50, 128, 16, 2, 100),
+    Workload("M2 mnist5k bern", "mnist", "bernoulli", "learned", (256,), 50, 128, None, 1, 100),
+)
 
 
 def load_data(kind: str, n_synth: int) -> torch.Tensor:
+    if kind == "mnist":  # the bundled subset's 4,000 training rows, binarised
+        from elbolab.datasets import load_mnist_5k_split
+
+        return load_mnist_5k_split(seed=SEED, binarize=True)[0].data.float()
     if kind == "digits":
         from sklearn.datasets import load_digits
 
@@ -183,12 +194,30 @@ def load_data(kind: str, n_synth: int) -> torch.Tensor:
     return torch.tensor(rng.random(p.shape) < p, dtype=torch.float32)  # binary, 784 pixels
 
 
+def load_labels(w: Workload) -> torch.Tensor:
+    """``w.labels`` class labels (n / 10 per class, seeded), -1 elsewhere, for ``w.data``."""
+    from elbolab.datasets import hide_labels, load_mnist_5k_split
+
+    if w.data == "mnist":
+        target = load_mnist_5k_split(seed=SEED, binarize=True)[0].target
+    else:
+        from sklearn.datasets import load_digits
+
+        target = torch.as_tensor(load_digits().target, dtype=torch.long)
+    return hide_labels(target, w.labels, seed=SEED)
+
+
 def fresh(w: Workload, data_dim: int):
     """A VAE and its guide; the same torch seed gives the same initial weights every call."""
-    from elbolab.guides import AmortizedNormal
-    from elbolab.models import VAE
+    from elbolab.guides import AmortizedNormal, SemiSupervisedGuide
+    from elbolab.models import VAE, SemiSupervisedVAE
 
     torch.manual_seed(1234)
+    if w.labels:
+        model = SemiSupervisedVAE(
+            data_dim, C, w.latent, w.hidden, likelihood=w.likelihood, count=w.count
+        )
+        return model, SemiSupervisedGuide(model)
     model = VAE(data_dim, w.latent, w.hidden, likelihood=w.likelihood, count=w.count)
     guide = AmortizedNormal(data_dim, w.latent, w.hidden, scale=w.scale)
     return model, guide
@@ -217,6 +246,61 @@ def hand_loss(decoder, encoder, x: torch.Tensor, w: Workload) -> torch.Tensor:
     else:
         raise ValueError(w.likelihood)
     return -(log_lik - kl) / x.shape[0]
+
+
+def log_likelihood(out: torch.Tensor, x: torch.Tensor, w: Workload) -> torch.Tensor:
+    """log p(x | decoder output), summed over the last dimension: shape out.shape[:-1]."""
+    if w.likelihood == "bernoulli":
+        return -F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none").sum(-1)
+    n = float(w.count)  # binomial
+    log_norm = math.lgamma(n + 1) - torch.lgamma(x + 1) - torch.lgamma(n - x + 1)
+    return (x * out - n * F.softplus(out) + log_norm).sum(-1)
+
+
+def m2_bound(model, guide, x: torch.Tensor, code: torch.Tensor, w: Workload) -> torch.Tensor:
+    """-L(x, y) of M2-L at one reparametrised draw z, for the one-hot ``code`` (..., N, C):
+
+        log p(x | y, z) + log p(y) + log N(z; 0, I) - log N(z; mu_E, sigma_E^2),
+        z = mu_E + sigma_E eps,  (mu_E, sigma_E) = encoder([x s, onehot(y)])
+
+    with s the input scale (1/16 for counts); shape code.shape[:-1].
+    """
+    h = x * guide.input_scale
+    loc, scale = guide.encoder(torch.cat([h.expand(*code.shape[:-1], h.shape[-1]), code], -1))
+    eps = torch.randn_like(loc)  # the draw Pyro's rsample makes
+    z = loc + eps * scale
+    log_px = log_likelihood(model.decoder(torch.cat([z, code], -1)), x, w)
+    log_pz = -0.5 * z.square().sum(-1)  # the 2 pi constants of p(z) and q(z) cancel
+    log_qz = -0.5 * eps.square().sum(-1) - scale.log().sum(-1)
+    return log_px - math.log(C) + log_pz - log_qz
+
+
+def m2_hand_loss(
+    model, guide, w: Workload, x_u, x_l, y_l, counts, alpha
+) -> tuple[torch.Tensor, float]:
+    """The trainer's M2 step loss, J^alpha / N estimated from one batch of each kind:
+
+        (N_u / N) mean_u(-U) + (N_l / N) mean_l(-L) + alpha (N_l / N) mean_l(-log q(y | x))
+
+    with U = sum_y q(y | x) (-L(x, y)) + H(q(y | x)) (M2-U; y summed over the C one-hot
+    codes in one (C, B) batch). Returns (loss, the batches' summed bound U + L).
+    """
+    n_u, n_l = counts
+    n = n_u + n_l
+    loss, bound = 0.0, 0.0
+    if x_u is not None and x_u.shape[0]:
+        log_q = torch.log_softmax(guide.classifier(x_u * guide.input_scale), -1).T  # (C, B)
+        codes = torch.eye(C)[:, None, :].expand(C, x_u.shape[0], C)
+        bound_u = (log_q.exp() * (m2_bound(model, guide, x_u, codes, w) - log_q)).sum()
+        loss = loss - bound_u * (n_u / n / x_u.shape[0])
+        bound += float(bound_u.detach())
+    if x_l.shape[0]:
+        bound_l = m2_bound(model, guide, x_l, F.one_hot(y_l, C).float(), w).sum()
+        logits = torch.log_softmax(guide.classifier(x_l * guide.input_scale), -1)
+        log_q_l = logits.gather(-1, y_l[:, None]).squeeze(-1)
+        loss = loss - bound_l * (n_l / n / x_l.shape[0]) - alpha * (n_l / n) * log_q_l.mean()
+        bound += float(bound_l.detach())
+    return loss, bound
 
 
 def epoch_seed(epoch: int) -> int:
@@ -265,17 +349,74 @@ class HandLoop:
         return [*self.decoder.parameters(), *self.encoder.parameters()]
 
 
+class HandM2Loop(HandLoop):
+    """The plain torch contender for M2: the batching of ``SVITrainer._labelled_epoch``
+    (each step the next unlabelled batch and the next share of the labelled rows), the
+    loss of :func:`m2_hand_loss`."""
+
+    def __init__(self, model, guide, w: Workload, labels: torch.Tensor) -> None:
+        self.model, self.guide, self.w = model, guide, w
+        self.labels = labels
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=LR)
+        self.generator = torch.Generator()
+        self.epochs = 0
+        self.bounds: list[float] = []
+
+    def epoch(self, x: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        self.epochs += 1
+        seed = epoch_seed(self.epochs)
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed)
+        seen = self.labels >= 0
+        x_u, x_l, y_l = x[~seen], x[seen], self.labels[seen]
+        n_u, n_l, b = x_u.shape[0], x_l.shape[0], self.w.batch
+        steps = math.ceil(n_u / b)
+        order_u = torch.randperm(n_u, generator=self.generator)
+        shares = torch.tensor_split(torch.randperm(n_l, generator=self.generator), steps)
+        total = 0.0
+        for i in range(steps):
+            share = shares[i]
+            loss, bound = m2_hand_loss(
+                self.model,
+                self.guide,
+                self.w,
+                x_u[order_u[i * b : (i + 1) * b]],
+                x_l[share],
+                y_l[share],
+                (n_u, n_l),
+                0.1 * x.shape[0],  # the default alpha of M2-J
+            )
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            total += bound
+        self.bounds.append(total / x.shape[0])
+        return time.perf_counter() - t0
+
+    def parameters(self):
+        return [*self.model.decoder.parameters(), *guide_networks(self.guide)]
+
+
+def guide_networks(guide):
+    """The guide's parameters in a fixed order: the encoder's, then a classifier's if any."""
+    classifier = getattr(guide, "classifier", None)
+    return [*guide.encoder.parameters(), *([] if classifier is None else classifier.parameters())]
+
+
 # ----------------------------------------------------------------------------- contenders
 class TrainerContender:
     """SVITrainer with a given loss; ``mode`` picks the settings it runs under."""
 
-    def __init__(self, model, guide, w: Workload, mode: str) -> None:
+    def __init__(self, model, guide, w: Workload, mode: str, labels=None) -> None:
         import pyro
 
         from elbolab.inference import SVITrainer
 
-        self.mode, self.compile_time = mode, 0.0
+        self.mode, self.compile_time, self.labels = mode, 0.0, labels
         loss = jit_pyro_elbo() if mode == "jit-pyro" else pyro.infer.TraceMeanField_ELBO()
+        if labels is not None:
+            loss = None  # the model's default: TraceEnum_ELBO, y summed
         self.trainer = SVITrainer(
             model,
             guide,
@@ -321,7 +462,7 @@ class TrainerContender:
     def run(self, x: torch.Tensor, epochs: int) -> list[float]:
         """One ``fit(x, epochs=epochs)``; seconds per epoch as the trainer records them."""
         with self._context():
-            result = self.trainer.fit(x, epochs=epochs)
+            result = self.trainer.fit(x, epochs=epochs, y=self.labels)
         self.fit_overheads.append(result.fit_time - sum(result.epoch_times))
         return result.epoch_times
 
@@ -330,7 +471,7 @@ class TrainerContender:
         return self.trainer.history.train_bounds
 
     def parameters(self):
-        return [*self.model.decoder.parameters(), *self.guide.encoder.parameters()]
+        return [*self.model.decoder.parameters(), *guide_networks(self.guide)]
 
 
 def jit_pyro_elbo():
@@ -408,6 +549,9 @@ def jit_pyro_module_local_error(w: Workload, x: torch.Tensor) -> str | None:
 # ----------------------------------------------------------------------------- one workload
 def run_workload(w: Workload, x: torch.Tensor, modes: list[str], rounds: int, epochs: int) -> dict:
     """``rounds`` x one fit of ``epochs`` epochs per contender, round-robin; best epoch."""
+    labels = load_labels(w) if w.labels else None
+    if labels is not None:
+        modes = [m for m in modes if m != "jit-pyro"]  # no jit of TraceEnum_ELBO here
     base_model, base_guide = fresh(w, x.shape[1])
     ref = {k: v.clone() for k, v in base_model.state_dict().items()}
     ref |= {"g." + k: v.clone() for k, v in base_guide.state_dict().items()}
@@ -416,10 +560,12 @@ def run_workload(w: Workload, x: torch.Tensor, modes: list[str], rounds: int, ep
         model, guide = fresh(w, x.shape[1])
         state = model.state_dict() | {"g." + k: v for k, v in guide.state_dict().items()}
         assert all(torch.equal(state[k], ref[k]) for k in ref), "initial states differ"
-        if mode == "hand":
+        if mode == "hand" and labels is not None:
+            contenders[mode] = HandM2Loop(model, guide, w, labels)
+        elif mode == "hand":
             contenders[mode] = HandLoop(model, guide, w)
         else:
-            contenders[mode] = TrainerContender(model, guide, w, mode)
+            contenders[mode] = TrainerContender(model, guide, w, mode, labels)
             contenders[mode].warm_up(x)
     times: dict[str, list[float]] = {m: [] for m in contenders}
     cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
@@ -472,6 +618,12 @@ def main() -> None:
         default="trainer,eager",
         help=f"comma-separated trainer rows out of {','.join(MODES)} (hand always runs)",
     )
+    parser.add_argument(
+        "--workloads",
+        choices=["vae", "m2", "all"],
+        default="all",
+        help="the VAE's workloads, the M2 semi-supervised VAE's, or both (all)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 2)
     n_synth = args.n_synth or (2_000 if args.quick else 10_000)
@@ -492,7 +644,8 @@ def main() -> None:
 
     busy_before = other_load()
     print(
-        "elbolab VAE epoch benchmark: SVITrainer (Pyro TraceMeanField_ELBO) vs a hand-written "
+        "elbolab VAE epoch benchmark: SVITrainer (Pyro's TraceMeanField_ELBO for the VAE, "
+        "TraceEnum_ELBO for M2) vs a hand-written "
         f"torch loop; best of {rounds} x {args.epochs} epochs; torch threads {threads}"
     )
     if busy_before is not None and busy_before > 0.3:
@@ -502,12 +655,15 @@ def main() -> None:
         )
     ticks0, cpu0, start = cpu_ticks(), own_cpu(), time.perf_counter()
     results = []
-    data = {kind: load_data(kind, n_synth) for kind in dict.fromkeys(w.data for w in WORKLOADS)}
+    workloads = {"vae": WORKLOADS, "m2": M2_WORKLOADS, "all": WORKLOADS + M2_WORKLOADS}[
+        args.workloads
+    ]
+    data = {kind: load_data(kind, n_synth) for kind in dict.fromkeys(w.data for w in workloads)}
     jit_error, shipped = None, None
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         print(f"-- torch threads {n_threads}")
-        for w in WORKLOADS:
+        for w in workloads:
             x = data[w.data]
             if jit_error is None and "jit-pyro" in modes:
                 jit_error = jit_pyro_module_local_error(w, x) or "none (it ran)"
@@ -587,7 +743,10 @@ def main() -> None:
                 f"{v['best'] / hand:6.2f} {target:>6} {v['bound']:9.2f} {v['bound_diff']:7.0e} "
                 f"{v['param_diff']:7.0e}  {note}"
             )
-        print(f"{'':>3} {'':<23} data {tuple(shape)}, hidden {w.hidden}, latent {w.latent}")
+        labelled = f", {w.labels} labelled, y summed" if w.labels else ""
+        print(
+            f"{'':>3} {'':<23} data {tuple(shape)}, hidden {w.hidden}, latent {w.latent}{labelled}"
+        )
     print("=" * width)
     if not parity_ok:
         print(
