@@ -317,9 +317,8 @@ class HandLoop:
     """The plain torch contender: own decoder/encoder copies, own Adam, own batch generator."""
 
     def __init__(self, model, guide, w: Workload) -> None:
-        self.decoder, self.encoder, self.w = model.decoder, guide.encoder, w
-        params = list(model.decoder.parameters()) + list(guide.encoder.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=LR)
+        self.model, self.guide, self.w = model, guide, w
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=LR)
         self.generator = torch.Generator()
         self.epochs = 0
         self.bounds: list[float] = []
@@ -330,23 +329,28 @@ class HandLoop:
         seed = epoch_seed(self.epochs)  # what SVITrainer.fit does at the start of an epoch
         torch.manual_seed(seed)
         self.generator.manual_seed(seed)
-        order = torch.randperm(x.shape[0], generator=self.generator)
-        total, bs = 0.0, self.w.batch
-        for start in range(0, x.shape[0], bs):
-            batch = x[order[start : start + bs]]
-            loss = hand_loss(self.decoder, self.encoder, batch, self.w)
+        total = 0.0
+        for loss, bound in self.losses(x):
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
-            total -= float(loss.detach()) * batch.shape[0]
+            total += bound
         self.bounds.append(total / x.shape[0])
         return time.perf_counter() - t0
+
+    def losses(self, x: torch.Tensor):
+        """(loss, summed bound of its batch) per step, in the trainer's batch order."""
+        order = torch.randperm(x.shape[0], generator=self.generator)
+        for start in range(0, x.shape[0], self.w.batch):
+            batch = x[order[start : start + self.w.batch]]
+            loss = hand_loss(self.model.decoder, self.guide.encoder, batch, self.w)
+            yield loss, -float(loss.detach()) * batch.shape[0]
 
     def run(self, x: torch.Tensor, epochs: int) -> list[float]:
         return [self.epoch(x) for _ in range(epochs)]
 
     def parameters(self):
-        return [*self.decoder.parameters(), *self.encoder.parameters()]
+        return [*self.model.decoder.parameters(), *guide_networks(self.guide)]
 
 
 class HandM2Loop(HandLoop):
@@ -355,47 +359,22 @@ class HandM2Loop(HandLoop):
     loss of :func:`m2_hand_loss`."""
 
     def __init__(self, model, guide, w: Workload, labels: torch.Tensor) -> None:
-        self.model, self.guide, self.w = model, guide, w
+        super().__init__(model, guide, w)
         self.labels = labels
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=LR)
-        self.generator = torch.Generator()
-        self.epochs = 0
-        self.bounds: list[float] = []
 
-    def epoch(self, x: torch.Tensor) -> float:
-        t0 = time.perf_counter()
-        self.epochs += 1
-        seed = epoch_seed(self.epochs)
-        torch.manual_seed(seed)
-        self.generator.manual_seed(seed)
+    def losses(self, x: torch.Tensor):
         seen = self.labels >= 0
         x_u, x_l, y_l = x[~seen], x[seen], self.labels[seen]
         n_u, n_l, b = x_u.shape[0], x_l.shape[0], self.w.batch
         steps = math.ceil(n_u / b)
         order_u = torch.randperm(n_u, generator=self.generator)
         shares = torch.tensor_split(torch.randperm(n_l, generator=self.generator), steps)
-        total = 0.0
-        for i in range(steps):
-            share = shares[i]
-            loss, bound = m2_hand_loss(
-                self.model,
-                self.guide,
-                self.w,
-                x_u[order_u[i * b : (i + 1) * b]],
-                x_l[share],
-                y_l[share],
-                (n_u, n_l),
-                0.1 * x.shape[0],  # the default alpha of M2-J
+        for i, share in enumerate(shares):
+            batch_u = x_u[order_u[i * b : (i + 1) * b]]
+            counts, alpha = (n_u, n_l), 0.1 * x.shape[0]  # the default alpha of M2-J
+            yield m2_hand_loss(
+                self.model, self.guide, self.w, batch_u, x_l[share], y_l[share], counts, alpha
             )
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-            total += bound
-        self.bounds.append(total / x.shape[0])
-        return time.perf_counter() - t0
-
-    def parameters(self):
-        return [*self.model.decoder.parameters(), *guide_networks(self.guide)]
 
 
 def guide_networks(guide):

@@ -102,32 +102,43 @@ def test_the_labelled_bound_is_m2_l():
         assert bound == pytest.approx(float(by_hand.sum()), abs=1e-10, rel=1e-12)
 
 
-def test_the_compiled_enumerated_elbo_equals_pyros():
-    """The recorded TraceEnum_ELBO (the contraction Pyro runs, recorded once per shape):
-    the same loss and gradients as Pyro's from the same seed, for both kinds of batch
-    (1e-12 relative in float64: the same operations)."""
-    model, guide = pair(2)
-    x, y = some_digits()
-    compiled = CompiledELBO(model.default_loss(), model, guide, strict=True)
+def assert_recording_matches(compiled, reference, scale=1.0):
+    """For an unlabelled and a labelled batch, recorded then replayed: ``loss_and_grads``
+    gives the loss and gradients that ``reference(*args)`` gives (it sets the gradients
+    and returns the loss), from the same seed (1e-12 relative in float64)."""
     params = list(compiled.parameters())
+    x, y = some_digits()
     with pyro.validation_enabled(False):
         for args in ((x,), (x, y)):
             for _ in range(2):  # the second call replays the recording
                 for p in params:
                     p.grad = None
                 pyro.set_rng_seed(7)
-                loss = compiled.loss_and_grads(*args, scale=0.25)
+                loss = compiled.loss_and_grads(*args, scale=scale)
                 replayed = [None if p.grad is None else p.grad.clone() for p in params]
                 for p in params:
                     p.grad = None
-                pyro.set_rng_seed(7)
-                eager = compiled.eager(*args) * 0.25
-                eager.backward()
-                assert loss == pytest.approx(float(eager.detach()), rel=1e-12)
+                assert loss == pytest.approx(reference(*args), rel=1e-12)
                 for a, p in zip(replayed, params, strict=True):
                     assert (a is None) == (p.grad is None)
                     if a is not None:
                         torch.testing.assert_close(a, p.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_the_compiled_enumerated_elbo_equals_pyros():
+    """The recorded TraceEnum_ELBO (the contraction Pyro runs, recorded once per shape):
+    the same loss and gradients as Pyro's from the same seed, for both kinds of batch
+    (1e-12 relative in float64: the same operations)."""
+    model, guide = pair(2)
+    compiled = CompiledELBO(model.default_loss(), model, guide, strict=True)
+
+    def reference(*args):
+        pyro.set_rng_seed(7)
+        eager = compiled.eager(*args) * 0.25
+        eager.backward()
+        return float(eager.detach())
+
+    assert_recording_matches(compiled, reference, scale=0.25)
     assert len(compiled.graphs) == 2 and all(g is not None for g in compiled.graphs.values())
 
 
@@ -138,28 +149,17 @@ def test_the_compiled_trace_elbo_with_y_sampled_reports_the_loss_not_the_surroga
     as Pyro's ``loss`` and the gradients of its surrogate from the same seed, labelled or not
     (1e-12 relative in float64: the same operations)."""
     model, guide = pair(2)
-    x, y = some_digits()
     elbo = Trace_ELBO()
     compiled = CompiledELBO(elbo, model, guide, strict=True)
-    params = list(compiled.parameters())
-    with pyro.validation_enabled(False):
-        for args in ((x,), (x, y)):
-            for _ in range(2):  # the second call replays the recording
-                for p in params:
-                    p.grad = None
-                pyro.set_rng_seed(7)
-                loss = compiled.loss_and_grads(*args)
-                replayed = [None if p.grad is None else p.grad.clone() for p in params]
-                for p in params:
-                    p.grad = None
-                pyro.set_rng_seed(7)
-                elbo.differentiable_loss(model, guide, *args).backward()  # the surrogate
-                pyro.set_rng_seed(7)
-                assert loss == pytest.approx(elbo.loss(model, guide, *args), rel=1e-12)
-                for a, p in zip(replayed, params, strict=True):
-                    assert (a is None) == (p.grad is None)
-                    if a is not None:
-                        torch.testing.assert_close(a, p.grad, rtol=1e-12, atol=1e-12)
+
+    def reference(*args):
+        pyro.set_rng_seed(7)
+        elbo.differentiable_loss(model, guide, *args).backward()  # the surrogate
+        pyro.set_rng_seed(7)
+        return elbo.loss(model, guide, *args)
+
+    assert_recording_matches(compiled, reference)
+    x, _ = some_digits()
     pyro.set_rng_seed(7)
     ((model_trace, guide_trace),) = elbo._get_traces(model, guide, (x,), {})
     value, surrogate = elbo._differentiable_loss_particle(model_trace, guide_trace)
