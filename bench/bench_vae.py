@@ -1,6 +1,6 @@
 """Benchmark: elbolab's SVITrainer (a VAE through Pyro's ELBO) against a hand-written torch loop.
 
-Run ``python bench/bench_vae.py`` (full: about 45 s on 2 cores) or
+Run ``python bench/bench_vae.py`` (full: about 3 minutes on 2 cores, both thread counts) or
 ``python bench/bench_vae.py --quick`` (smoke run: synthetic N = 2,000, one round, ~20 s).
 Everything is measured side by side in one process with ``time.perf_counter``; the whole
 set is run once per torch thread count (``--threads``, default: the core count, then 1).

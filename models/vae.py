@@ -189,18 +189,34 @@ class LogitBinomial(dist.Binomial):
 
     The value is Pyro's ``Binomial.log_prob`` (which writes log(1 + e^l) as
     max(l, 0) + log1p(e^-|l|), six elementwise ops each way through autograd); on a
-    small VAE those ops are a sixth of a training step. Sampling, support and validation
-    are the parent's.
+    small VAE those ops are a sixth of a training step. log C(n, k) is computed on the
+    shapes of n and k before broadcasting (M2 under enumeration: C times fewer lgamma
+    calls). Sampling, support and validation are the parent's.
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        n, logits = self.total_count, self.logits
+        n, logits = _unbroadcast(self.total_count), self.logits
         log1p_exp = torch.logaddexp(
             logits, torch.zeros((), dtype=logits.dtype, device=logits.device)
         )
+        # log C(n, k) on the shape of n and k alone: under enumeration the logits are
+        # (C, N, n) while k is (N, n), and the count a broadcast scalar
         return value * logits - n * log1p_exp + log_binomial(n, value)
+
+
+def _unbroadcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with each broadcast dimension (stride 0) cut to size 1: the same values.
+
+    ``Binomial`` expands a scalar ``total_count`` to the logits' shape; arithmetic on the
+    expanded view costs as much as on a full tensor, on the cut one it broadcasts back.
+    """
+    index = tuple(
+        slice(0, 1) if stride == 0 and size > 1 else slice(None)
+        for stride, size in zip(t.stride(), t.shape, strict=True)
+    )
+    return t[index]
 
 
 class VAE(PyroModule):

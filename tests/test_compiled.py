@@ -124,6 +124,48 @@ def test_loss_and_grads_equals_scaled_backward(elbo, likelihood, scale):
     assert len(compiled.graphs) == 1
 
 
+class DecoderPenalty:
+    """A differentiable scalar of the model's parameters that is not an ELBO (a Term's loss)."""
+
+    def __init__(self, model: VAE) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(x[:, :2]).square().mean()
+
+
+def test_sum_loss_and_grads_is_one_graph_of_scaled_terms():
+    """Two ELBO batches and a non-ELBO loss, summed with their scales, recorded as one
+    graph: each term's value and the gradient of the sum equal what autograd gives for
+    the eager terms in the same order (the draws made in that order), replays accumulate,
+    and a second call with the same shapes and scales records nothing new."""
+    from elbolab.inference.svi.compiled import Term
+
+    model, guide = pair("binomial", "learned")
+    decoder_penalty = DecoderPenalty(model)
+    x_a, x_b = data("binomial", n=9), data("binomial", n=4, seed=2)
+    elbo = TraceMeanField_ELBO()
+    compiled = CompiledELBO(elbo, model, guide)
+    params = list(compiled.parameters())
+    terms = [Term((x_a,), 0.5), Term((x_b,), 0.125), Term((x_b,), 3.0, decoder_penalty)]
+    with pyro.validation_enabled(False):
+        pyro.set_rng_seed(5)
+        scaled = [elbo(model, guide)(x_a) * 0.5, elbo(model, guide)(x_b) * 0.125]
+        scaled.append(decoder_penalty(x_b) * 3.0)
+        sum(scaled).backward()
+        ref_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        for calls in (1, 2):
+            pyro.set_rng_seed(5)
+            losses = compiled.sum_loss_and_grads(terms)
+            for loss, ref in zip(losses, scaled, strict=True):
+                assert loss == pytest.approx(float(ref.detach()), rel=RTOL)
+            for p, g in zip(params, ref_grads, strict=True):
+                assert_close(p.grad, calls * g)
+    assert len(compiled.graphs) == 1 and None not in compiled.graphs.values()
+
+
 def test_tracing_draws_nothing_and_replays_fresh_draws():
     """Recording runs the program once under a forked RNG; every replay draws anew."""
     model, guide = pair("gaussian-unit", "unit")
@@ -292,19 +334,30 @@ def test_trainer_compiled_and_eager_runs_are_the_same_run():
     assert len(pyro.get_param_store()) == 0  # parameters stayed module-local
 
 
-def test_logit_binomial_log_prob_equals_pyros_binomial():
-    """log(1 + e^l) as logaddexp(l, 0): Pyro's Binomial value and gradient, to rounding."""
-    logits = (torch.randn(40, 6, dtype=torch.float64) * 25).requires_grad_()
-    logits.data[0] = 0.0  # softplus's kink: gradient 1/2 in both
+@pytest.mark.parametrize(
+    "count,lead",
+    [(16, ()), (16, (3,)), ("per-row", (3,))],
+    ids=["scalar", "scalar-enumerated", "per-row-enumerated"],
+)
+def test_logit_binomial_log_prob_equals_pyros_binomial(count, lead):
+    """log(1 + e^l) as logaddexp(l, 0), log C(n, k) before broadcasting: Pyro's Binomial
+    value, shape and gradient, to rounding -- with a scalar count, with logits that carry
+    an enumeration dimension k lacks (M2's (C, N, n) against (N, n)), and with one count
+    per row (a tensor, not a broadcast scalar)."""
+    logits = (torch.randn(*lead, 40, 6, dtype=torch.float64) * 25).requires_grad_()
+    logits.data[..., 0, :] = 0.0  # softplus's kink: gradient 1/2 in both
     k = torch.randint(0, 17, (40, 6)).double()
-    ours = LogitBinomial(16, logits=logits).log_prob(k)
-    ref = dist.Binomial(16, logits=logits).log_prob(k)
+    if count == "per-row":
+        count = torch.randint(16, 30, (40, 1)).double()
+    ours = LogitBinomial(count, logits=logits).log_prob(k)
+    ref = dist.Binomial(count, logits=logits).log_prob(k)
+    assert ours.shape == ref.shape == (*lead, 40, 6)
     assert_close(ours.detach(), ref.detach())
     (g,) = torch.autograd.grad(ours.sum(), logits)
     (g_ref,) = torch.autograd.grad(ref.sum(), logits)
     assert_close(g, g_ref)
     with pytest.raises(ValueError):  # the parent's support check still applies
-        LogitBinomial(16, logits=logits, validate_args=True).log_prob(k + 20)
+        LogitBinomial(count, logits=logits, validate_args=True).log_prob(k + 40)
 
 
 # ----------------------------------------------------------------------------- passes

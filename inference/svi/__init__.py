@@ -1,11 +1,12 @@
 """SVI: the trainer of a model and an amortized guide, the compiled ELBO, and evaluation."""
 
-from .compiled import CompiledELBO, TracingFailed, is_compilable
+from .compiled import CompiledELBO, Term, TracingFailed, is_compilable
 from .trainer import SVITrainer, TrainingDiverged, TrainResult
 
 __all__ = [
     "CompiledELBO",
     "SVITrainer",
+    "Term",
     "TracingFailed",
     "TrainResult",
     "TrainingDiverged",

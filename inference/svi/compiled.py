@@ -16,8 +16,14 @@ Two recordings:
     the loss, replayed under ordinary autograd (``.backward()`` works as usual);
 ``module.loss_and_grads(*args, scale=s)``
     the loss *and* its gradients, one graph of forward and backward ops (autograd run
-    once, while recording); the replay skips autograd's per-op bookkeeping, and adds
-    the gradients to ``.grad`` -- what ``SVITrainer.step`` calls.
+    once, while recording), traced into TorchScript (``torch.jit.trace``, the same ops
+    in the same order, run by TorchScript's interpreter instead of the graph's Python
+    code); the replay skips autograd's per-op bookkeeping, and adds the gradients to
+    ``.grad`` -- what ``SVITrainer.step`` calls;
+``module.sum_loss_and_grads([Term(args, s), ...])``
+    the same for a sum of scaled terms -- ELBOs on several batches, and other losses of
+    the same parameters -- as one graph: M2's step (an unlabelled batch, a labelled one
+    and the classifier term of M2-J) replays once.
 
 The loss is exactly Pyro's: the recorded ops are those of the ELBO's own
 ``_differentiable_loss_particle`` (the surrogate whose gradient is the ELBO gradient),
@@ -54,6 +60,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import NamedTuple
 
@@ -66,6 +73,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
+from ...models.enumeration import as_torchscript
 from .graph_passes import fresh_outputs, lift_attributes, simplify
 from .iwae import ImportanceWeightedELBO
 
@@ -196,6 +204,33 @@ def _with_elbo_value(surrogate: torch.Tensor, model_trace, guide_trace) -> torch
     return surrogate + (-elbo - surrogate).detach()
 
 
+class Term(NamedTuple):
+    """One summand of :meth:`CompiledELBO.sum_loss_and_grads`: ``scale`` times a loss of ``args``.
+
+    ``loss`` None: the ELBO's loss (the negative ELBO surrogate) on ``args``. Otherwise a
+    callable returning a differentiable scalar of the model's and the guide's parameters
+    (a classifier's negative log-likelihood, say), which must be hashable and keep its
+    meaning (a bound method, a module-level function): it is part of the cache key, and
+    tensors it reads other than those parameters and ``args`` are recorded as constants.
+    """
+
+    args: tuple
+    scale: float = 1.0
+    loss: Callable[..., torch.Tensor] | None = None
+
+
+def eager_sum_loss_and_grads(
+    elbo: Callable[..., torch.Tensor], terms: Sequence[Term]
+) -> list[float]:
+    """:meth:`CompiledELBO.sum_loss_and_grads` through autograd: ``elbo(*args)`` for the
+    terms without a ``loss``; one backward pass of the sum, none if a term is non-finite."""
+    scaled = [(elbo if t.loss is None else t.loss)(*t.args) * t.scale for t in terms]
+    losses = [float(v.detach()) for v in scaled]
+    if all(map(math.isfinite, losses)):
+        sum(scaled).backward()
+    return losses
+
+
 class CompiledELBO(torch.nn.Module):
     """``elbo(model, guide)`` as a module whose calls replay a recorded graph per shape.
 
@@ -270,21 +305,38 @@ class CompiledELBO(torch.nn.Module):
         those autograd computes, summed in its order up to rounding. A non-finite loss
         adds no gradient (the caller decides what to do; ``SVITrainer`` stops).
         """
-        if self._may_compile(args):
-            replay = self._replay(args, self._record_loss_and_grads, scale=scale)
+        return self.sum_loss_and_grads([Term(args, scale)])[0]
+
+    def sum_loss_and_grads(self, terms: Sequence[Term]) -> list[float]:
+        """Each term's scaled loss, as floats; adds the gradient of their sum to every ``.grad``.
+
+        ``terms``: :class:`Term` s, each ``scale`` times the ELBO's loss on ``args`` or,
+        where ``loss`` is given, ``scale * loss(*args)``. The sum is recorded as one graph
+        per combination of shapes, scales and losses, so a step made of several batches
+        (M2's unlabelled and labelled ones, and its classifier term) replays once, as
+        :meth:`loss_and_grads` does for one. Draws are made in the order of the terms, as
+        eager calls in that order make them. If any term is non-finite, no gradient is
+        added.
+        """
+        terms = [t if isinstance(t, Term) else Term(*t) for t in terms]
+        flat = tuple(a for t in terms for a in t.args)
+        if self._may_compile(flat):
+            layout = tuple((len(t.args), t.scale, t.loss) for t in terms)
+            replay = self._replay(flat, self._record_loss_and_grads, terms=layout)
             if replay is not None:
                 enumerated = isinstance(self.elbo, pyro.infer.TraceEnum_ELBO)
                 state = torch.random.get_rng_state() if enumerated else None
                 with torch.no_grad():
-                    loss, *grads = replay.call(args)
-                loss = float(loss)
-                if not math.isfinite(loss) and enumerated:
-                    # a value of probability 0 with infinite cost (_PyroValueReads): Pyro's
-                    # own contraction drops it; the same draws, through Pyro
-                    torch.random.set_rng_state(state)
-                    return self._eager_loss_and_grads(args, scale)
-                if not math.isfinite(loss):
-                    return loss
+                    outputs = replay.call(flat)
+                losses = [float(v) for v in outputs[: len(terms)]]
+                if not all(map(math.isfinite, losses)):
+                    if enumerated:
+                        # a value of probability 0 with infinite cost (_PyroValueReads):
+                        # Pyro's own contraction drops it; the same draws, through Pyro
+                        torch.random.set_rng_state(state)
+                        return self._eager_loss_and_grads(terms)
+                    return losses
+                grads = outputs[len(terms) :]
                 for param, grad, fresh in zip(replay.params, grads, replay.fresh, strict=True):
                     if grad is None:
                         continue
@@ -292,15 +344,11 @@ class CompiledELBO(torch.nn.Module):
                         param.grad = grad if fresh else grad.clone()
                     else:
                         param.grad.add_(grad)
-                return loss
-        return self._eager_loss_and_grads(args, scale)
+                return losses
+        return self._eager_loss_and_grads(terms)
 
-    def _eager_loss_and_grads(self, args, scale: float) -> float:
-        surrogate = self.eager(*args) * scale
-        loss = float(surrogate.detach())
-        if math.isfinite(loss):
-            surrogate.backward()
-        return loss
+    def _eager_loss_and_grads(self, terms: list[Term]) -> list[float]:
+        return eager_sum_loss_and_grads(self.eager, terms)
 
     def _replay(self, args, record, **options) -> _Replay | None:
         """The recorded graph for these arguments and options, recording it if new."""
@@ -350,19 +398,22 @@ class CompiledELBO(torch.nn.Module):
         return self.surrogate
 
     def _record_loss_and_grads(self, options):
-        scale, params = options["scale"], [p for p in self.parameters() if p.requires_grad]
+        layout, params = options["terms"], [p for p in self.parameters() if p.requires_grad]
 
-        def loss_and_grads(*args):
-            loss = self.surrogate(*args) * scale
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            return (loss.detach(), *grads)
+        def sum_loss_and_grads(*flat):
+            scaled, start = [], 0
+            for n_args, scale, loss in layout:
+                args, start = flat[start : start + n_args], start + n_args
+                scaled.append((self.surrogate if loss is None else loss)(*args) * scale)
+            grads = torch.autograd.grad(sum(scaled), params, allow_unused=True)
+            return (*(v.detach() for v in scaled), *grads)
 
-        return loss_and_grads, params
+        return sum_loss_and_grads, params, len(layout)
 
     def _record(self, key: tuple, args, record, options) -> _Replay | None:
         """Run ``record``'s function once under ``make_fx``; simplify, bind, cache."""
         made = record(options)
-        fn, params = made if isinstance(made, tuple) else (made, [])
+        fn, params, n_values = made if isinstance(made, tuple) else (made, [], 1)
         cuda = sorted({a.device.index or 0 for a in args if a.device.type == "cuda"})
         buffers = _snapshot_buffers(self.model, self.guide)
         try:
@@ -400,11 +451,13 @@ class CompiledELBO(torch.nn.Module):
             self.fallbacks[key] = reason
             return None
         self.graphs[key] = simplify(graph)
-        fresh = fresh_outputs(graph)[1:]  # the gradients (the loss comes first)
+        fresh = fresh_outputs(graph)[n_values:]  # the gradients (the losses come first)
         tensors = lift_attributes(graph)  # recompiles: bind forward after it
-        replay = self._replays[key] = _Replay(
-            functools.partial(graph.forward, *tensors), params, fresh
-        )
+        run = graph.forward
+        if params:  # loss and gradients, replayed without autograd: TorchScript runs them
+            with torch.random.fork_rng(devices=cuda):  # tracing runs the graph: no draw used
+                run = as_torchscript(graph, (*tensors, *args))
+        replay = self._replays[key] = _Replay(functools.partial(run, *tensors), params, fresh)
         return replay
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ...models.base import check_positive_int
 from ...models.vae import _cuda_devices, leaves_unchanged
-from .compiled import CompiledELBO, is_compilable
+from .compiled import CompiledELBO, Term, eager_sum_loss_and_grads, is_compilable
 
 
 class ScaleSite(Messenger):
@@ -799,36 +799,35 @@ class SVITrainer:
         self._trained = True
         self.optimizer.zero_grad()
         n = sum(counts)
-        total = 0.0
-        with ScaleSite(self.latent_site, beta) if beta != 1.0 else nullcontext():
-            for args, count in (((x_u,), counts[0]), ((x_l, y_l), counts[1])):
-                if args[0] is None or args[0].shape[0] == 0:
-                    continue
-                scale = count / n / args[0].shape[0]
-                loss = self._loss_and_grads(args, scale)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged("non-finite loss")
-                total -= loss / scale
+        terms = []  # summed and differentiated as one recorded graph (sum_loss_and_grads)
+        if x_u is not None and x_u.shape[0] > 0:
+            terms.append(Term((x_u,), counts[0] / n / x_u.shape[0]))  # -U, per datum of J / N
         if x_l.shape[0] > 0:
+            terms.append(Term((x_l, y_l), counts[1] / n / x_l.shape[0]))  # -L
             alpha = self.alpha if self.alpha is not None else 0.1 * n
-            log_q = self.guide.class_logits(x_l).gather(-1, y_l.unsqueeze(-1)).squeeze(-1)
             # the M2-J term alpha sum_l -log q(y | x), per datum of J / N
-            classifier = -(alpha * counts[1] / n) * log_q.mean()
-            if not bool(torch.isfinite(classifier)):
-                raise TrainingDiverged("non-finite loss")
-            classifier.backward()
+            terms.append(Term((x_l, y_l), alpha * counts[1] / n, self._classifier_loss))
+        with ScaleSite(self.latent_site, beta) if beta != 1.0 else nullcontext():
+            losses = self._sum_loss_and_grads(terms)
+        if not all(map(math.isfinite, losses)):
+            raise TrainingDiverged("non-finite loss")
         self.optimizer.step()
-        return total
+        # the batches' bounds: -U and -L summed over their points
+        return -sum(loss / t.scale for loss, t in zip(losses, terms, strict=True) if t.loss is None)
+
+    def _classifier_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """mean -log q(y | x) over the rows of (x, y): M2-J's classification term per datum."""
+        return -self.guide.class_logits(x).gather(-1, y.unsqueeze(-1)).squeeze(-1).mean()
 
     def _loss_and_grads(self, args: tuple, scale: float) -> float:
         """``scale`` times the ELBO's loss on ``args``, its gradient added to ``.grad``."""
+        return self._sum_loss_and_grads([Term(args, scale)])[0]
+
+    def _sum_loss_and_grads(self, terms: list[Term]) -> list[float]:
+        """Each term's scaled loss; the gradient of their sum added to ``.grad`` (``Term``)."""
         if isinstance(self.elbo, CompiledELBO):
-            return self.elbo.loss_and_grads(*args, scale=scale)
-        surrogate = self.elbo(*args) * scale
-        loss = float(surrogate.detach())
-        if math.isfinite(loss):
-            surrogate.backward()
-        return loss
+            return self.elbo.sum_loss_and_grads(terms)
+        return eager_sum_loss_and_grads(self.elbo, terms)
 
     def _loss_value(self, args: tuple) -> float:
         """The ELBO's loss on ``args`` as a float (no gradient)."""
