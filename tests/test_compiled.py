@@ -166,6 +166,37 @@ def test_sum_loss_and_grads_is_one_graph_of_scaled_terms():
     assert len(compiled.graphs) == 1 and None not in compiled.graphs.values()
 
 
+@pytest.mark.parametrize("elbo", [TraceMeanField_ELBO(), Trace_ELBO()], ids=["mean-field", "trace"])
+def test_replays_traced_into_torchscript_give_autograds_values(elbo):
+    """From its TRACE_AFTER-th call a loss-and-gradient graph runs as TorchScript: every
+    call before and after gives autograd's loss and gradients for the same seed (1e-12),
+    and tracing, which runs the graph once, consumes no random draw."""
+    from elbolab.inference.svi import compiled as compiled_module
+
+    model, guide = pair("binomial", "learned")
+    x = data("binomial")
+    compiled = CompiledELBO(elbo, model, guide)
+    params = list(compiled.parameters())
+    with pyro.validation_enabled(False):
+        for call in range(compiled_module.TRACE_AFTER + 2):
+            pyro.set_rng_seed(call)
+            ref = elbo(model, guide)(x) * 0.5
+            ref_grads = torch.autograd.grad(ref, params)
+            for p in params:
+                p.grad = None
+            pyro.set_rng_seed(call)
+            loss = compiled.loss_and_grads(x, scale=0.5)
+            after = torch.randn(())  # the next draw: the same as eager's only if none was used
+            pyro.set_rng_seed(call)
+            elbo(model, guide)(x)
+            assert float(after) == float(torch.randn(()))
+            assert loss == pytest.approx(float(ref.detach()), rel=RTOL)
+            for p, g in zip(params, ref_grads, strict=True):
+                assert_close(p.grad, g)
+    (replay,) = compiled._replays.values()
+    assert isinstance(replay.forward.func, torch.jit.ScriptModule)
+
+
 def test_tracing_draws_nothing_and_replays_fresh_draws():
     """Recording runs the program once under a forked RNG; every replay draws anew."""
     model, guide = pair("gaussian-unit", "unit")

@@ -16,10 +16,11 @@ Two recordings:
     the loss, replayed under ordinary autograd (``.backward()`` works as usual);
 ``module.loss_and_grads(*args, scale=s)``
     the loss *and* its gradients, one graph of forward and backward ops (autograd run
-    once, while recording), traced into TorchScript (``torch.jit.trace``, the same ops
-    in the same order, run by TorchScript's interpreter instead of the graph's Python
-    code); the replay skips autograd's per-op bookkeeping, and adds the gradients to
-    ``.grad`` -- what ``SVITrainer.step`` calls;
+    once, while recording), traced into TorchScript once it has been replayed a few
+    times (``torch.jit.trace``, the same ops in the same order, run by TorchScript's
+    interpreter instead of the graph's Python code); the replay skips autograd's
+    per-op bookkeeping, and adds the gradients to ``.grad`` -- what ``SVITrainer.step``
+    calls;
 ``module.sum_loss_and_grads([Term(args, s), ...])``
     the same for a sum of scaled terms -- ELBOs on several batches, and other losses of
     the same parameters -- as one graph: M2's step (an unlabelled batch, a labelled one
@@ -87,6 +88,7 @@ COMPILABLE = (
     ImportanceWeightedELBO,
 )
 MAX_GRAPHS = 16  # batch shapes x grad modes per module; further shapes run eagerly
+TRACE_AFTER = 8  # a loss-and-gradient graph runs as TorchScript from this call on
 
 
 class TracingFailed(RuntimeError):
@@ -453,20 +455,30 @@ class CompiledELBO(torch.nn.Module):
         self.graphs[key] = simplify(graph)
         fresh = fresh_outputs(graph)[n_values:]  # the gradients (the losses come first)
         tensors = lift_attributes(graph)  # recompiles: bind forward after it
-        run = graph.forward
-        if params:  # loss and gradients, replayed without autograd: TorchScript runs them
-            with torch.random.fork_rng(devices=cuda):  # tracing runs the graph: no draw used
-                run = as_torchscript(graph, (*tensors, *args))
-        replay = self._replays[key] = _Replay(functools.partial(run, *tensors), params, fresh)
+        replay = self._replays[key] = _Replay(graph, tensors, params, fresh, cuda)
         return replay
 
 
-class _Replay(NamedTuple):
-    """A recorded graph with its tensors bound, and what its outputs are."""
+class _Replay:
+    """A recorded graph with its tensors bound, and what its outputs are.
 
-    forward: functools.partial
-    params: list  # the parameters whose gradients follow the loss, in order
-    fresh: tuple[bool, ...]  # gradients computed into new memory (not views of inputs)
+    A graph of loss and gradients (``params`` not empty) is traced into TorchScript at its
+    ``TRACE_AFTER``-th call (``torch.jit.trace``: the same ops in the same order, run by
+    TorchScript's interpreter instead of the graph's Python code); a short fit, which
+    replays a graph a few times, does not pay for the trace.
+    """
+
+    def __init__(self, graph: GraphModule, tensors: tuple, params: list, fresh, cuda) -> None:
+        self.graph, self.tensors, self.cuda = graph, tensors, cuda
+        self.forward = functools.partial(graph.forward, *tensors)
+        self.params = params  # the parameters whose gradients follow the losses, in order
+        self.fresh = fresh  # gradients computed into new memory (not views of inputs)
+        self.calls = 0
 
     def call(self, args):
+        self.calls += 1
+        if self.calls == TRACE_AFTER and self.params:
+            with torch.random.fork_rng(devices=self.cuda):  # tracing runs it: no draw used
+                run = as_torchscript(self.graph, (*self.tensors, *args))
+            self.forward = functools.partial(run, *self.tensors)
         return self.forward(*args)
