@@ -20,6 +20,7 @@ from torch import nn
 
 from elbolab.guides import AmortizedNormal
 from elbolab.inference import CompiledELBO, SVITrainer, TracingFailed, is_compilable
+from elbolab.inference.svi import Term
 from elbolab.inference.svi.graph_passes import (
     drop_identities,
     fold_constants,
@@ -139,8 +140,6 @@ def test_sum_loss_and_grads_is_one_graph_of_scaled_terms():
     graph: each term's value and the gradient of the sum equal what autograd gives for
     the eager terms in the same order (the draws made in that order), replays accumulate,
     and a second call with the same shapes and scales records nothing new."""
-    from elbolab.inference.svi.compiled import Term
-
     model, guide = pair("binomial", "learned")
     decoder_penalty = DecoderPenalty(model)
     x_a, x_b = data("binomial", n=9), data("binomial", n=4, seed=2)

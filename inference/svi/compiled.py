@@ -320,7 +320,6 @@ class CompiledELBO(torch.nn.Module):
         eager calls in that order make them. If any term is non-finite, no gradient is
         added.
         """
-        terms = [t if isinstance(t, Term) else Term(*t) for t in terms]
         flat = tuple(a for t in terms for a in t.args)
         if self._may_compile(flat):
             layout = tuple((len(t.args), t.scale, t.loss) for t in terms)
